@@ -1,0 +1,21 @@
+//! popcon-worker: a GPU worker daemon with embedded Stable Diffusion inference.
+//!
+//! An API enqueues image jobs in Redis; the daemon claims them, runs the pose and emoji
+//! diffusion pipeline through candle (CUDA in production, CPU anywhere), stores the images and
+//! writes the results. This crate is the library behind the `popcon-worker` binary.
+//!
+//! Module map (one concern each; see `DESIGN.md` in the shared folder for the contracts):
+//!
+//! - [`engine`]: candle — model presets, weights (local folder or the Hugging Face cache, fetched
+//!   with hf-hub), CLIP tokenizer and text encoders, UNet, VAE, schedulers, per-image seeded
+//!   noise, batched txt2img / img2img with progress and cancellation.
+//! - [`pipeline`]: what the product asks of the engine — the head-to-toe pose prompt, the emoji
+//!   prompts, post-processing (background key, thumbnails, PNG). No Redis, no SQL.
+//! - [`kernels`]: our own CUDA kernels (`kernels/*.cu`, feature `cuda`), each with a CPU twin
+//!   that is the reference and the path used everywhere else.
+//!
+//! Queue, store, worker, enqueue and HTTP modules arrive with the daemon and API issues.
+
+pub mod engine;
+pub mod kernels;
+pub mod pipeline;

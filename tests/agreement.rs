@@ -1,0 +1,235 @@
+//! Agreement with the reference implementation: the engine, run on the tiny model, must compute
+//! what diffusers + transformers computed with the same weights (fixtures made by
+//! `scripts/make_tiny_model.py`, which also proves its loop equals diffusers' own pipelines).
+//!
+//! Randomness: torch's RNG and ours (ChaCha8) differ, so a seed can't mean the same noise in
+//! both. Each generation case therefore *replays* every draw diffusers made — initial noise,
+//! the VAE sample's noise and `add_noise`'s noise for img2img, and each Euler-ancestral step's
+//! noise — through [`ReplayNoise`], in the order the engine draws them. Everything else (text
+//! encoding, UNet, schedulers, VAE, pixel conversion) is computed independently here.
+//! Tolerances: fp32 on CPU; latents to 1e-4 relative to their largest magnitude; pixels within
+//! 2/255 (rounding differs: numpy rounds halves to even).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use popcon_worker::engine::clip::ClipTextEncoder;
+use popcon_worker::engine::noise::ReplayNoise;
+use popcon_worker::engine::preset::{PresetRegistry, SchedulerKind};
+use popcon_worker::engine::weights::ModelFiles;
+use popcon_worker::engine::{
+    Engine, EngineOptions, GenerateRequest, InitImage, config, no_observer,
+};
+use serde_json::Value;
+
+fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny")
+}
+
+struct Fixture {
+    json: Value,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Fixture {
+    fn load() -> Result<Self> {
+        let dir = fixture_dir();
+        let json: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
+        let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)?;
+        Ok(Self { json, tensors })
+    }
+
+    fn t(&self, name: &str) -> Result<Tensor> {
+        self.tensors
+            .get(name)
+            .cloned()
+            .with_context(|| format!("fixture tensor {name} missing"))
+    }
+}
+
+fn engine() -> Result<Engine> {
+    let dir = PresetRegistry::default_models_dir();
+    let reg = PresetRegistry::load(&dir)?;
+    let preset = reg.get("tiny")?;
+    let files = ModelFiles::locate(preset, &dir, None)?;
+    Ok(Engine::load(preset, &files, &EngineOptions::default())?)
+}
+
+/// max |a - b| / max |b|: the error relative to the reference's scale.
+fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let a = a.to_dtype(DType::F32)?;
+    let b = b.to_dtype(DType::F32)?;
+    if a.dims() != b.dims() {
+        bail!("shape {:?} vs reference {:?}", a.dims(), b.dims());
+    }
+    let diff = (a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    Ok(diff / scale.max(1e-12))
+}
+
+fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) -> Result<()> {
+    let e = rel_err(a, b)?;
+    assert!(e <= tol, "{what}: relative error {e:e} > {tol:e}");
+    Ok(())
+}
+
+#[test]
+fn tokenizer_ids_match_transformers_for_every_case() -> Result<()> {
+    let fx = Fixture::load()?;
+    let engine = engine()?;
+    let cases = fx.json["tokenizer"].as_array().context("tokenizer cases")?;
+    assert!(cases.len() >= 10);
+    for case in cases {
+        let prompt = case["prompt"].as_str().context("prompt")?;
+        let want: Vec<u32> = serde_json::from_value(case["ids"].clone())?;
+        assert_eq!(engine.tokenize(prompt)[0], want, "prompt {prompt:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn text_encoder_last_penultimate_and_pooled_match() -> Result<()> {
+    let fx = Fixture::load()?;
+    let dir = PresetRegistry::default_models_dir().join("tiny");
+    let spec = config::read_clip_text(&dir.join("text_encoder/config.json"))?;
+    // SAFETY: read-only mmap of a file this test does not modify.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("text_encoder/model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )?
+    };
+    let encoder = ClipTextEncoder::new(vb, &spec, 1313)?;
+    let ids: Vec<Vec<u32>> = serde_json::from_value(fx.json["text_encoder"]["input_ids"].clone())?;
+    let out = encoder.encode(&ids)?;
+    assert_close("last hidden state", &out.last, &fx.t("text_encoder.text_last")?, 1e-5)?;
+    assert_close("penultimate", &out.penultimate, &fx.t("text_encoder.text_penultimate")?, 1e-5)?;
+    assert_close("pooled", &out.pooled, &fx.t("text_encoder.text_pooled")?, 1e-5)?;
+    Ok(())
+}
+
+#[test]
+fn unet_output_matches() -> Result<()> {
+    let fx = Fixture::load()?;
+    let engine = engine()?;
+    let out = engine.unet_forward(
+        &fx.t("unet_single.sample")?,
+        500.0,
+        &fx.t("text_encoder.text_last")?,
+    )?;
+    assert_close("unet", &out, &fx.t("unet_single.out")?, 1e-4)
+}
+
+#[test]
+fn vae_decode_and_encode_match() -> Result<()> {
+    let fx = Fixture::load()?;
+    let engine = engine()?;
+    let vae = engine.vae();
+    let decoded = vae.decode(&fx.t("vae.vae_decode_in")?)?;
+    assert_close("vae decode", &decoded, &fx.t("vae.vae_decode_out")?, 1e-4)?;
+    let dist = vae.encode(&fx.t("vae.vae_encode_in")?)?;
+    assert_close("vae mean", &dist.mean, &fx.t("vae.vae_encode_mean")?, 1e-4)?;
+    assert_close("vae std", &dist.std, &fx.t("vae.vae_encode_std")?, 1e-4)?;
+    Ok(())
+}
+
+/// Runs one generation case of the fixture through the engine with replayed noise.
+fn run_case(name: &str) -> Result<()> {
+    let fx = Fixture::load()?;
+    let engine = engine()?;
+    let case = &fx.json[name];
+    let prompts: Vec<String> = serde_json::from_value(case["prompts"].clone())?;
+    // Cases without guidance encode no negative prompt (null in the manifest).
+    let negatives: Vec<String> =
+        serde_json::from_value(case["negative_prompts"].clone()).unwrap_or_default();
+    let n = prompts.len();
+    let mut req = GenerateRequest::new(engine.preset(), prompts, 0);
+    req.negative_prompt = negatives.first().cloned().unwrap_or_default();
+    req.steps = case["num_inference_steps"].as_u64().context("steps")? as usize;
+    req.guidance = case["guidance_scale"].as_f64().context("guidance")?;
+    req.width = case["width"].as_u64().context("width")? as usize;
+    req.height = case["height"].as_u64().context("height")? as usize;
+    req.scheduler = Some(match case["scheduler_class"].as_str() {
+        Some("EulerAncestralDiscreteScheduler") => SchedulerKind::EulerAncestral,
+        Some("EulerDiscreteScheduler") => SchedulerKind::Euler,
+        Some("DDIMScheduler") => SchedulerKind::Ddim,
+        other => bail!("unexpected scheduler {other:?}"),
+    });
+    req.timestep_spacing = case["scheduler_config"]["timestep_spacing"]
+        .as_str()
+        .map(str::to_string);
+
+    let mut noise = ReplayNoise::new(n);
+    let per_image = |t: &Tensor, noise: &mut ReplayNoise| -> Result<()> {
+        for i in 0..n {
+            noise.push(i, t.i(i)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(())
+    };
+    if case["kind"] == "img2img" {
+        let png = std::fs::read(fixture_dir().join("init.png"))?;
+        let image = image::load_from_memory(&png)?.to_rgb8();
+        let strength = case["strength"].as_f64().context("strength")?;
+        req.init = Some(InitImage { image, strength });
+        per_image(&fx.t(&format!("{name}.encode_noise"))?, &mut noise)?;
+        per_image(&fx.t(&format!("{name}.add_noise"))?, &mut noise)?;
+    } else {
+        per_image(&fx.t(&format!("{name}.init_noise"))?, &mut noise)?;
+    }
+    if let Ok(steps) = fx.t(&format!("{name}.step_noise")) {
+        for s in 0..steps.dim(0)? {
+            per_image(&steps.i(s)?, &mut noise)?;
+        }
+    }
+
+    let out = engine.generate_with_noise(&req, &mut noise, &mut no_observer())?;
+    assert_eq!(noise.remaining(), 0, "{name}: every recorded draw is used");
+    assert_close(
+        &format!("{name} final latents"),
+        &out.latents,
+        &fx.t(&format!("{name}.final_latents"))?,
+        1e-4,
+    )?;
+    let pixels = fx.t(&format!("{name}.pixels"))?.to_dtype(DType::U8)?;
+    for (i, img) in out.images.iter().enumerate() {
+        let want = pixels.i(i)?.flatten_all()?.to_vec1::<u8>()?;
+        let got: Vec<u8> = img.pixels().flat_map(|p| [p[0], p[1], p[2]]).collect();
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap_or(0);
+        assert!(worst <= 2, "{name} image {i}: a pixel is {worst}/255 off");
+        assert!(img.pixels().all(|p| p[3] == 255), "no alpha key was asked");
+    }
+    Ok(())
+}
+
+#[test]
+fn txt2img_euler_ancestral_with_guidance_batch_of_two() -> Result<()> {
+    run_case("t2i_euler_a")
+}
+
+#[test]
+fn txt2img_euler_without_guidance() -> Result<()> {
+    run_case("t2i_euler")
+}
+
+#[test]
+fn txt2img_ddim_with_negative_prompt() -> Result<()> {
+    run_case("t2i_ddim")
+}
+
+#[test]
+fn img2img_euler_ancestral() -> Result<()> {
+    run_case("i2i_euler_a")
+}
+
+#[test]
+fn img2img_ddim() -> Result<()> {
+    run_case("i2i_ddim")
+}
