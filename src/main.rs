@@ -1,1 +1,345 @@
-fn main() {}
+//! The `popcon-worker` binary: the command line over the library.
+//!
+//! Exit codes: 0 success, 1 a failure while working (missing weights, a device error), 2 bad
+//! arguments (clap's own code for usage errors, which our own argument checks share).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use popcon_worker::engine::preset::{ModelSource, PresetRegistry, SchedulerKind};
+use popcon_worker::engine::weights::{self, ModelFiles};
+use popcon_worker::engine::{
+    DeviceChoice, Engine, EngineError, EngineOptions, GenerateRequest, InitImage, no_observer,
+};
+use popcon_worker::kernels::AlphaKey;
+use popcon_worker::pipeline::post::{self, ImageLimits};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "popcon-worker",
+    version,
+    about = "GPU worker daemon with embedded Stable Diffusion"
+)]
+struct Cli {
+    /// Folder with model presets (*.toml) and local models such as `tiny/`.
+    #[arg(long, global = true, env = "POPCON_MODELS_DIR")]
+    models_dir: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate images from a prompt (txt2img, or img2img with --init-image).
+    Generate(Box<GenerateArgs>),
+    /// List, check and fetch model presets.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelsCommand {
+    /// Every known preset and whether its files are present.
+    List,
+    /// Download a preset's files from the Hugging Face Hub into the local cache.
+    Fetch {
+        /// Preset name (see `models list`).
+        name: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    /// Model preset.
+    #[arg(long, default_value = "tiny")]
+    model: String,
+    /// A diffusers folder to load instead of the preset's own location.
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative: String,
+    /// Seed of the first image; image i of the batch uses seed + i.
+    #[arg(long)]
+    seed: u64,
+    /// Denoising steps (default: the preset's).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    steps: Option<u32>,
+    /// Images in one batch (one UNet batch).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    batch: u32,
+    /// Classifier-free guidance scale; <= 1 disables it (default: the preset's).
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// An init image for img2img (PNG, JPEG or WebP).
+    #[arg(long)]
+    init_image: Option<PathBuf>,
+    /// img2img strength in (0, 1] (default: the preset's).
+    #[arg(long, requires = "init_image")]
+    strength: Option<f64>,
+    /// Output size WIDTHxHEIGHT, multiples of 8 (default: the preset's).
+    #[arg(long)]
+    size: Option<String>,
+    /// euler_ancestral, euler or ddim (default: the preset's).
+    #[arg(long)]
+    scheduler: Option<SchedulerKind>,
+    /// Key a plain near-white background to transparency (emoji style).
+    #[arg(long)]
+    alpha_key: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
+    /// Output folder; images are written as <seed>.png.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// A failure and the exit code it maps to.
+enum Failure {
+    Usage(String),
+    Runtime(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        // Errors that mean "the command line asked for something impossible" are usage errors.
+        match e.downcast_ref::<EngineError>() {
+            Some(EngineError::UnknownModel { .. } | EngineError::InvalidRequest(_)) => {
+                Failure::Usage(format!("{e:#}"))
+            }
+            _ => Failure::Runtime(e),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let models_dir = cli
+        .models_dir
+        .clone()
+        .unwrap_or_else(PresetRegistry::default_models_dir);
+    let result = match cli.command {
+        Command::Generate(args) => generate(&models_dir, *args),
+        Command::Models { command } => models(&models_dir, command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn parse_size(s: &str) -> Result<(usize, usize), String> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("--size `{s}`: expected WIDTHxHEIGHT, e.g. 512x512"))?;
+    let parse = |v: &str| {
+        v.trim()
+            .parse::<usize>()
+            .map_err(|_| format!("--size `{s}`: `{v}` is not a whole number"))
+    };
+    let (w, h) = (parse(w)?, parse(h)?);
+    if w == 0 || h == 0 || w % 8 != 0 || h % 8 != 0 {
+        return Err(format!(
+            "--size {w}x{h}: width and height must be positive multiples of 8"
+        ));
+    }
+    if w > 4096 || h > 4096 {
+        return Err(format!("--size {w}x{h}: at most 4096 a side"));
+    }
+    Ok((w, h))
+}
+
+fn generate(models_dir: &Path, args: GenerateArgs) -> Result<(), Failure> {
+    let registry = PresetRegistry::load(models_dir).map_err(anyhow::Error::from)?;
+    let preset = registry
+        .get(&args.model)
+        .map_err(anyhow::Error::from)?
+        .clone();
+
+    // Every argument is checked before the model is loaded: a typo costs no GPU time.
+    let (width, height) = match &args.size {
+        Some(s) => parse_size(s).map_err(Failure::Usage)?,
+        None => (preset.defaults.width, preset.defaults.height),
+    };
+    if let Some(g) = args.guidance
+        && (!g.is_finite() || g < 0.0)
+    {
+        return Err(Failure::Usage(format!(
+            "--guidance {g}: must be a number >= 0"
+        )));
+    }
+    let init = match &args.init_image {
+        None => None,
+        Some(path) => {
+            let strength = args.strength.unwrap_or(preset.defaults.strength);
+            if !(strength > 0.0 && strength <= 1.0) {
+                return Err(Failure::Usage(format!(
+                    "--strength {strength}: must be greater than 0 and at most 1"
+                )));
+            }
+            let bytes = std::fs::read(path).map_err(|e| {
+                Failure::Usage(format!(
+                    "--init-image {}: cannot read it: {e}",
+                    path.display()
+                ))
+            })?;
+            let image = post::decode_image(&bytes, ImageLimits::default())
+                .map_err(|e| Failure::Usage(format!("--init-image {}: {e}", path.display())))?;
+            Some(InitImage { image, strength })
+        }
+    };
+    let prompts = vec![args.prompt.clone(); args.batch as usize];
+    let mut req = GenerateRequest::new(&preset, prompts, args.seed);
+    req.negative_prompt = args.negative.clone();
+    if let Some(steps) = args.steps {
+        req.steps = steps as usize;
+    }
+    if let Some(g) = args.guidance {
+        req.guidance = g;
+    }
+    req.width = width;
+    req.height = height;
+    req.init = init;
+    req.scheduler = args.scheduler;
+    if args.alpha_key {
+        req.alpha_key = AlphaKey::default();
+    }
+    req.validate().map_err(anyhow::Error::from)?;
+
+    let files = ModelFiles::locate(&preset, models_dir, args.model_dir.as_deref())
+        .map_err(anyhow::Error::from)?;
+    let load_start = std::time::Instant::now();
+    let engine = Engine::load(
+        &preset,
+        &files,
+        &EngineOptions {
+            device: args.device,
+            dtype: None,
+        },
+    )
+    .context("loading the model")?;
+    let load = load_start.elapsed();
+    let out = engine
+        .generate(&req, &mut no_observer())
+        .context("generating")?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let post_start = std::time::Instant::now();
+    for (img, seed) in out.images.iter().zip(&req.seeds) {
+        let mut img = img.clone();
+        if args.alpha_key {
+            post::restore_enclosed(&mut img);
+        }
+        let png = post::encode_png(&img).context("encoding PNG")?;
+        let path = args.out.join(format!("{seed}.png"));
+        std::fs::write(&path, png).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    let write = post_start.elapsed();
+    let t = out.timings;
+    let ms = |d: Duration| format!("{:>10.1}", d.as_secs_f64() * 1e3);
+    println!(
+        "model {} on {:?}, {}x{}, batch {}, {} steps",
+        preset.name, args.device, width, height, args.batch, req.steps
+    );
+    println!("{:<14}{:>10}", "stage", "ms");
+    for (name, d) in [
+        ("load", load),
+        ("text_encode", t.text_encode),
+        ("vae_encode", t.vae_encode),
+        ("denoise", t.denoise),
+        ("vae_decode", t.vae_decode),
+        ("to_rgba", t.postprocess),
+        ("png_write", write),
+    ] {
+        println!("{name:<14}{}", ms(d));
+    }
+    println!("{:<14}{}", "total", ms(load + t.total() + write));
+    Ok(())
+}
+
+fn models(models_dir: &Path, command: ModelsCommand) -> Result<(), Failure> {
+    let registry = PresetRegistry::load(models_dir).map_err(anyhow::Error::from)?;
+    match command {
+        ModelsCommand::List => {
+            println!(
+                "{:<12}{:<7}{:<12}{:<55}source",
+                "name", "arch", "files", "description"
+            );
+            for p in registry.iter() {
+                let status = match ModelFiles::locate(p, models_dir, None) {
+                    Ok(_) => "present".to_string(),
+                    Err(EngineError::MissingWeights { missing, .. }) => {
+                        format!("missing {}", missing.len())
+                    }
+                    Err(_) => "error".to_string(),
+                };
+                let source = match &p.source {
+                    ModelSource::Hub { repo, revision } => {
+                        format!("{repo}@{}", &revision[..revision.len().min(12)])
+                    }
+                    ModelSource::Local { dir } => models_dir.join(dir).display().to_string(),
+                };
+                println!(
+                    "{:<12}{:<7}{:<12}{:<55}{source}",
+                    p.name,
+                    format!("{:?}", p.architecture).to_lowercase(),
+                    status,
+                    p.description
+                );
+            }
+            println!("hub cache: {}", weights::hub_cache_dir().display());
+            Ok(())
+        }
+        ModelsCommand::Fetch { name } => {
+            let preset = registry.get(&name).map_err(anyhow::Error::from)?;
+            let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let files =
+                weights::fetch(preset, progress).with_context(|| format!("fetching {name}"))?;
+            let unet = files
+                .path(&preset.weights.unet)
+                .map_err(anyhow::Error::from)?;
+            println!(
+                "{name}: all {} files present ({})",
+                preset.files().len(),
+                unet.display()
+            );
+            Ok(())
+        }
+    }
+}

@@ -36,8 +36,10 @@ struct Fixture {
 impl Fixture {
     fn load() -> Result<Self> {
         let dir = fixture_dir();
-        let json: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
-        let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)?;
+        let json: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
+        let tensors =
+            candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)?;
         Ok(Self { json, tensors })
     }
 
@@ -105,9 +107,24 @@ fn text_encoder_last_penultimate_and_pooled_match() -> Result<()> {
     let encoder = ClipTextEncoder::new(vb, &spec, 1313)?;
     let ids: Vec<Vec<u32>> = serde_json::from_value(fx.json["text_encoder"]["input_ids"].clone())?;
     let out = encoder.encode(&ids)?;
-    assert_close("last hidden state", &out.last, &fx.t("text_encoder.text_last")?, 1e-5)?;
-    assert_close("penultimate", &out.penultimate, &fx.t("text_encoder.text_penultimate")?, 1e-5)?;
-    assert_close("pooled", &out.pooled, &fx.t("text_encoder.text_pooled")?, 1e-5)?;
+    assert_close(
+        "last hidden state",
+        &out.last,
+        &fx.t("text_encoder.text_last")?,
+        1e-5,
+    )?;
+    assert_close(
+        "penultimate",
+        &out.penultimate,
+        &fx.t("text_encoder.text_penultimate")?,
+        1e-5,
+    )?;
+    assert_close(
+        "pooled",
+        &out.pooled,
+        &fx.t("text_encoder.text_pooled")?,
+        1e-5,
+    )?;
     Ok(())
 }
 

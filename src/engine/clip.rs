@@ -60,8 +60,8 @@ impl Attention {
         let v = split(self.v.forward(xs)?)?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(causal)?;
         // Softmax in f32: the masked entries are large negatives that f16 rounds badly.
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-            .to_dtype(v.dtype())?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
         self.out.forward(&ctx)
     }
@@ -126,11 +126,8 @@ impl ClipTextEncoder {
             vb.clone()
         };
         let h = spec.hidden_size;
-        let token_embedding = candle_nn::embedding(
-            spec.vocab_size,
-            h,
-            tm.pp("embeddings.token_embedding"),
-        )?;
+        let token_embedding =
+            candle_nn::embedding(spec.vocab_size, h, tm.pp("embeddings.token_embedding"))?;
         let position_embedding = tm.get(
             (spec.max_position_embeddings, h),
             "embeddings.position_embedding.weight",
@@ -196,10 +193,7 @@ impl ClipTextEncoder {
         // which is the same position when eos is the largest id).
         let mut rows = Vec::with_capacity(b);
         for (bi, row) in ids.iter().enumerate() {
-            let at = row
-                .iter()
-                .position(|&t| t == self.eos_id)
-                .unwrap_or(s - 1);
+            let at = row.iter().position(|&t| t == self.eos_id).unwrap_or(s - 1);
             rows.push(last.i((bi, at))?);
         }
         let mut pooled = Tensor::stack(&rows, 0)?;

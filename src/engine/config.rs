@@ -114,7 +114,10 @@ pub struct UNetSpec {
 }
 
 pub fn read_unet(path: &Path) -> Result<UNetSpec, EngineError> {
-    let j: UNetJson = read_json(path)?;
+    unet_from_json(read_json(path)?, path)
+}
+
+fn unet_from_json(j: UNetJson, path: &Path) -> Result<UNetSpec, EngineError> {
     let bad = |message: String| EngineError::Config {
         path: path.to_path_buf(),
         message,
@@ -249,7 +252,7 @@ pub enum ClipActivation {
 }
 
 /// A transformers `CLIPTextConfig` (also the `text_config` of a full CLIP config).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct ClipTextSpec {
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -354,6 +357,120 @@ pub fn read_scheduler(path: &Path) -> Result<SchedulerSpec, EngineError> {
     Ok(spec)
 }
 
+/// Everything about a checkpoint's shapes the engine needs, one spec per component.
+#[derive(Debug, Clone)]
+pub struct ModelSpecs {
+    /// One per text encoder (two for SDXL), in conditioning order.
+    pub text: Vec<ClipTextSpec>,
+    pub unet: UNetSpec,
+    pub vae: VaeSpec,
+    pub scheduler: SchedulerSpec,
+}
+
+impl ModelSpecs {
+    /// Reads the configs a preset's files include.
+    pub fn read(
+        preset: &super::preset::ModelPreset,
+        files: &super::weights::ModelFiles,
+    ) -> Result<Self, EngineError> {
+        let mut text = vec![read_clip_text(files.path("text_encoder/config.json")?)?];
+        if preset.weights.text_encoder_2.is_some() {
+            text.push(read_clip_text(files.path("text_encoder_2/config.json")?)?);
+        }
+        Ok(Self {
+            text,
+            unet: read_unet(files.path("unet/config.json")?)?,
+            vae: read_vae(files.path("vae/config.json")?)?,
+            scheduler: read_scheduler(files.path("scheduler/scheduler_config.json")?)?,
+        })
+    }
+
+    /// The real checkpoints' shapes per architecture (SD 1.5, SD 2.1 / sd-turbo, SDXL), as
+    /// their config files on the Hub give them: what a random-weight benchmark runs so its
+    /// arithmetic is the production model's.
+    pub fn reference(arch: super::preset::Architecture) -> Self {
+        use super::preset::Architecture;
+        let clip_l = ClipTextSpec {
+            vocab_size: 49408,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            max_position_embeddings: 77,
+            hidden_act: ClipActivation::QuickGelu,
+            layer_norm_eps: 1e-5,
+            projection_dim: Some(768),
+        };
+        let vae = |scaling_factor: f64, force_upcast: bool| VaeSpec {
+            in_channels: 3,
+            out_channels: 3,
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            latent_channels: 4,
+            norm_num_groups: 32,
+            scaling_factor,
+            force_upcast,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+        };
+        let sd_unet = |heads: &str, cross: usize, linear: bool| -> UNetJson {
+            let json = format!(
+                r#"{{"block_out_channels":[320,640,1280,1280],
+                "down_block_types":["CrossAttnDownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D","DownBlock2D"],
+                "up_block_types":["UpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D","CrossAttnUpBlock2D"],
+                "attention_head_dim":{heads},"cross_attention_dim":{cross},"use_linear_projection":{linear}}}"#
+            );
+            serde_json::from_str(&json).expect("built-in UNet config parses")
+        };
+        let scheduler: SchedulerSpec =
+            serde_json::from_str(r#"{"steps_offset":1}"#).expect("built-in scheduler config");
+        let (text, unet, vae) = match arch {
+            Architecture::Sd15 => (vec![clip_l], sd_unet("8", 768, false), vae(0.18215, false)),
+            Architecture::Sd2 => (
+                vec![ClipTextSpec {
+                    hidden_size: 1024,
+                    intermediate_size: 4096,
+                    num_hidden_layers: 23,
+                    num_attention_heads: 16,
+                    hidden_act: ClipActivation::Gelu,
+                    projection_dim: Some(512),
+                    ..clip_l
+                }],
+                sd_unet("[5,10,20,20]", 1024, true),
+                vae(0.18215, false),
+            ),
+            Architecture::Sdxl => {
+                let big_g = ClipTextSpec {
+                    hidden_size: 1280,
+                    intermediate_size: 5120,
+                    num_hidden_layers: 32,
+                    num_attention_heads: 20,
+                    hidden_act: ClipActivation::Gelu,
+                    projection_dim: Some(1280),
+                    ..clip_l.clone()
+                };
+                let unet: UNetJson = serde_json::from_str(
+                    r#"{"block_out_channels":[320,640,1280],
+                    "down_block_types":["DownBlock2D","CrossAttnDownBlock2D","CrossAttnDownBlock2D"],
+                    "up_block_types":["CrossAttnUpBlock2D","CrossAttnUpBlock2D","UpBlock2D"],
+                    "attention_head_dim":[5,10,20],"transformer_layers_per_block":[1,2,10],
+                    "cross_attention_dim":2048,"use_linear_projection":true,
+                    "addition_embed_type":"text_time"}"#,
+                )
+                .expect("built-in SDXL UNet config parses");
+                (vec![clip_l, big_g], unet, vae(0.13025, true))
+            }
+        };
+        Self {
+            text,
+            unet: unet_from_json(unet, Path::new("<built-in>"))
+                .expect("built-in UNet config is valid"),
+            vae,
+            scheduler,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,10 +515,26 @@ mod tests {
     }
 
     #[test]
+    fn reference_specs_are_consistent_per_architecture() {
+        use crate::engine::preset::Architecture;
+        for arch in [Architecture::Sd15, Architecture::Sd2, Architecture::Sdxl] {
+            let s = ModelSpecs::reference(arch);
+            let width: usize = s.text.iter().map(|t| t.hidden_size).sum();
+            assert_eq!(width, s.unet.config.cross_attention_dim, "{arch:?}");
+            assert_eq!(s.vae.scale(), 8);
+        }
+    }
+
+    #[test]
     fn scheduler_config_rejects_unsupported_prediction() {
         let tmp = tempfile::tempdir().unwrap();
         let p = write(tmp.path(), r#"{"prediction_type":"sample"}"#);
-        assert!(read_scheduler(&p).unwrap_err().to_string().contains("sample"));
+        assert!(
+            read_scheduler(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("sample")
+        );
         let p = write(tmp.path(), r#"{"_class_name":"DDIMScheduler"}"#);
         let s = read_scheduler(&p).unwrap();
         assert_eq!(s.num_train_timesteps, 1000);

@@ -16,6 +16,7 @@ pub mod noise;
 pub mod preset;
 pub mod scheduler;
 pub mod tokenizer;
+pub mod unet;
 pub mod vae;
 pub mod weights;
 
@@ -24,15 +25,15 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
 
 use crate::kernels::{self, AlphaKey, KernelError};
 use clip::ClipTextEncoder;
-use config::{SchedulerSpec, UNetSpec};
+use config::{ModelSpecs, SchedulerSpec, UNetSpec};
 use noise::{NoiseSource, SeededNoise};
 use preset::{Architecture, ModelPreset, SchedulerKind};
 use scheduler::Scheduler;
 use tokenizer::{ClipTokenizer, TokenizerError};
+use unet::UNet;
 use vae::Vae;
 use weights::ModelFiles;
 
@@ -161,6 +162,24 @@ pub struct EngineOptions {
     pub dtype: Option<DType>,
 }
 
+impl EngineOptions {
+    fn default_dtype(&self, device: &Device) -> DType {
+        self.dtype.unwrap_or(if device.is_cpu() {
+            DType::F32
+        } else {
+            DType::F16
+        })
+    }
+}
+
+fn vae_dtype(preset: &ModelPreset, specs: &ModelSpecs, dtype: DType) -> DType {
+    if preset.vae_f32 || specs.vae.force_upcast {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
 impl Default for EngineOptions {
     fn default() -> Self {
         Self {
@@ -246,10 +265,7 @@ impl GenerateRequest {
         if let Some(init) = &self.init
             && !(init.strength > 0.0 && init.strength <= 1.0)
         {
-            return bad(format!(
-                "strength must be in (0, 1], got {}",
-                init.strength
-            ));
+            return bad(format!("strength must be in (0, 1], got {}", init.strength));
         }
         Ok(())
     }
@@ -332,7 +348,7 @@ pub struct Engine {
     dtype: DType,
     vae_dtype: DType,
     text: Vec<TextStack>,
-    unet: UNet2DConditionModel,
+    unet: UNet,
     unet_spec: UNetSpec,
     vae: Vae,
     scheduler_spec: SchedulerSpec,
@@ -348,7 +364,11 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-fn var_builder(path: &std::path::Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>, EngineError> {
+fn var_builder(
+    path: &std::path::Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, EngineError> {
     // SAFETY: the weights are memory-mapped read-only; the files must not be modified while the
     // engine lives, which holds for a model cache (hf-hub writes new blobs, never in place).
     unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }.map_err(|e| {
@@ -366,23 +386,85 @@ impl Engine {
         files: &ModelFiles,
         options: &EngineOptions,
     ) -> Result<Self, EngineError> {
+        let specs = ModelSpecs::read(preset, files)?;
         let device = options.device.open()?;
-        let dtype = options.dtype.unwrap_or(if device.is_cpu() {
-            DType::F32
-        } else {
-            DType::F16
-        });
-        let mut text = Vec::new();
-        let mut stacks = vec![("tokenizer", "text_encoder", &preset.weights.text_encoder)];
-        if let Some(w2) = &preset.weights.text_encoder_2 {
-            stacks.push(("tokenizer_2", "text_encoder_2", w2));
+        let dtype = options.default_dtype(&device);
+        let vae_dtype = vae_dtype(preset, &specs, dtype);
+        let mut tokenizers = Vec::new();
+        let mut text_vbs = Vec::new();
+        for (tok, weights) in [
+            ("tokenizer", Some(&preset.weights.text_encoder)),
+            ("tokenizer_2", preset.weights.text_encoder_2.as_ref()),
+        ] {
+            if let Some(weights) = weights {
+                tokenizers.push(ClipTokenizer::from_dir(
+                    files.dir_of(&format!("{tok}/vocab.json"))?,
+                )?);
+                text_vbs.push(var_builder(files.path(weights)?, dtype, &device)?);
+            }
         }
-        for (tok, enc, weights) in stacks {
-            let tokenizer = ClipTokenizer::from_dir(files.dir_of(&format!("{tok}/vocab.json"))?)?;
-            let spec = config::read_clip_text(files.path(&format!("{enc}/config.json"))?)?;
+        let unet_vb = var_builder(files.path(&preset.weights.unet)?, dtype, &device)?;
+        let vae_vb = var_builder(files.path(&preset.weights.vae)?, vae_dtype, &device)?;
+        Self::build(
+            preset, specs, tokenizers, text_vbs, unet_vb, vae_vb, device, dtype, vae_dtype,
+        )
+    }
+
+    /// An engine with `specs`' shapes and freshly initialised random weights: the same
+    /// arithmetic as the real model, for benchmarks on hosts without the (gated, multi-GB)
+    /// checkpoints. Its images are noise. `tokenizer_dir` supplies a CLIP tokenizer for every
+    /// text encoder (its ids must fit the specs' vocabulary).
+    pub fn with_random_weights(
+        preset: &ModelPreset,
+        specs: ModelSpecs,
+        tokenizer_dir: &std::path::Path,
+        options: &EngineOptions,
+    ) -> Result<Self, EngineError> {
+        let device = options.device.open()?;
+        let dtype = options.default_dtype(&device);
+        let vae_dtype = vae_dtype(preset, &specs, dtype);
+        let varmap = candle_nn::VarMap::new();
+        let mut tokenizers = Vec::new();
+        let mut text_vbs = Vec::new();
+        for i in 0..specs.text.len() {
+            tokenizers.push(ClipTokenizer::from_dir(tokenizer_dir)?);
+            text_vbs.push(VarBuilder::from_varmap(&varmap, dtype, &device).pp(format!("text{i}")));
+        }
+        let unet_vb = VarBuilder::from_varmap(&varmap, dtype, &device).pp("unet");
+        let vae_vb = VarBuilder::from_varmap(&varmap, vae_dtype, &device).pp("vae");
+        Self::build(
+            preset, specs, tokenizers, text_vbs, unet_vb, vae_vb, device, dtype, vae_dtype,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        preset: &ModelPreset,
+        specs: ModelSpecs,
+        tokenizers: Vec<ClipTokenizer>,
+        text_vbs: Vec<VarBuilder>,
+        unet_vb: VarBuilder,
+        vae_vb: VarBuilder,
+        device: Device,
+        dtype: DType,
+        vae_dtype: DType,
+    ) -> Result<Self, EngineError> {
+        let ModelSpecs {
+            text: text_specs,
+            unet: unet_spec,
+            vae: vae_spec,
+            scheduler: scheduler_spec,
+        } = specs;
+        if text_specs.len() != tokenizers.len() || text_specs.len() != text_vbs.len() {
+            return Err(EngineError::InvalidRequest(
+                "one tokenizer and one weight set per text encoder".into(),
+            ));
+        }
+        let mut text = Vec::new();
+        for ((spec, tokenizer), vb) in text_specs.iter().zip(tokenizers).zip(text_vbs) {
             if spec.vocab_size < tokenizer.vocab_size() {
                 return Err(EngineError::Config {
-                    path: files.path(&format!("{enc}/config.json"))?.to_path_buf(),
+                    path: "text_encoder/config.json".into(),
                     message: format!(
                         "vocab_size {} is smaller than the tokenizer's {}",
                         spec.vocab_size,
@@ -390,18 +472,13 @@ impl Engine {
                     ),
                 });
             }
-            let vb = var_builder(files.path(weights)?, dtype, &device)?;
-            let encoder = ClipTextEncoder::new(vb, &spec, tokenizer.eos_id())?;
+            let encoder = ClipTextEncoder::new(vb, spec, tokenizer.eos_id())?;
             text.push(TextStack { tokenizer, encoder });
         }
-        let unet_spec = config::read_unet(files.path("unet/config.json")?)?;
-        let ctx_dim: usize = text
-            .iter()
-            .map(|t| t.encoder.hidden_size())
-            .sum::<candle_core::Result<usize>>()?;
+        let ctx_dim: usize = text_specs.iter().map(|s| s.hidden_size).sum();
         if ctx_dim != unet_spec.config.cross_attention_dim {
             return Err(EngineError::Config {
-                path: files.path("unet/config.json")?.to_path_buf(),
+                path: "unet/config.json".into(),
                 message: format!(
                     "cross_attention_dim {} does not match the text encoders' width {ctx_dim}",
                     unet_spec.config.cross_attention_dim
@@ -416,25 +493,13 @@ impl Engine {
                  images differ from diffusers' for this model"
             );
         }
-        let unet = UNet2DConditionModel::new(
-            var_builder(files.path(&preset.weights.unet)?, dtype, &device)?,
+        let unet = UNet::new(
+            unet_vb,
             unet_spec.in_channels,
             unet_spec.out_channels,
-            false,
             unet_spec.config.clone(),
         )?;
-        let vae_spec = config::read_vae(files.path("vae/config.json")?)?;
-        let vae_dtype = if preset.vae_f32 || vae_spec.force_upcast {
-            DType::F32
-        } else {
-            dtype
-        };
-        let vae = Vae::new(
-            var_builder(files.path(&preset.weights.vae)?, vae_dtype, &device)?,
-            vae_spec,
-        )?;
-        let scheduler_spec =
-            config::read_scheduler(files.path("scheduler/scheduler_config.json")?)?;
+        let vae = Vae::new(vae_vb, vae_spec)?;
         Ok(Self {
             preset: preset.clone(),
             device,
@@ -483,7 +548,10 @@ impl Engine {
 
     /// Token ids of `prompt` for each text encoder.
     pub fn tokenize(&self, prompt: &str) -> Vec<Vec<u32>> {
-        self.text.iter().map(|t| t.tokenizer.encode(prompt)).collect()
+        self.text
+            .iter()
+            .map(|t| t.tokenizer.encode(prompt))
+            .collect()
     }
 
     /// The UNet's conditioning for each prompt, `[n, 77, cross_attention_dim]` in the model dtype.
@@ -502,7 +570,12 @@ impl Engine {
     }
 
     /// One UNet evaluation (exposed for agreement tests and benchmarks).
-    pub fn unet_forward(&self, latents: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor, EngineError> {
+    pub fn unet_forward(
+        &self,
+        latents: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+    ) -> Result<Tensor, EngineError> {
         let out = self.unet.forward(
             &latents.to_dtype(self.dtype)?,
             timestep,

@@ -28,7 +28,10 @@ pub struct SeededNoise {
 impl SeededNoise {
     pub fn new(seeds: &[u64]) -> Self {
         Self {
-            streams: seeds.iter().map(|&s| ChaCha8Rng::seed_from_u64(s)).collect(),
+            streams: seeds
+                .iter()
+                .map(|&s| ChaCha8Rng::seed_from_u64(s))
+                .collect(),
         }
     }
 }
@@ -100,7 +103,10 @@ mod tests {
         let mut alone = SeededNoise::new(&[11]);
         let _ = batch.draw(0, 64).unwrap();
         assert_eq!(batch.draw(1, 64).unwrap(), alone.draw(0, 64).unwrap());
-        assert_ne!(batch.draw(2, 8).unwrap(), SeededNoise::new(&[10]).draw(0, 8).unwrap());
+        assert_ne!(
+            batch.draw(2, 8).unwrap(),
+            SeededNoise::new(&[10]).draw(0, 8).unwrap()
+        );
     }
 
     #[test]

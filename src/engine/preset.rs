@@ -290,18 +290,26 @@ mod tests {
         let turbo = reg.get("sd-turbo").unwrap();
         assert_eq!(turbo.architecture, Architecture::Sd2);
         assert_eq!(turbo.scheduler, SchedulerKind::EulerAncestral);
-        assert!(matches!(&turbo.source, ModelSource::Hub { repo, .. } if repo == "stabilityai/sd-turbo"));
+        assert!(
+            matches!(&turbo.source, ModelSource::Hub { repo, .. } if repo == "stabilityai/sd-turbo")
+        );
         assert!(turbo.files().contains(&"tokenizer/merges.txt".to_string()));
         let xl = reg.get("sdxl-turbo").unwrap();
         assert!(xl.files().iter().any(|f| f.starts_with("text_encoder_2/")));
-        assert!(matches!(reg.get("tiny").unwrap().source, ModelSource::Local { .. }));
+        assert!(matches!(
+            reg.get("tiny").unwrap().source,
+            ModelSource::Local { .. }
+        ));
     }
 
     #[test]
     fn unknown_model_lists_the_known_ones() {
         let reg = PresetRegistry::load(Path::new("/nonexistent")).unwrap();
         let err = reg.get("sd99").unwrap_err().to_string();
-        assert!(err.contains("sd99") && err.contains("sd-turbo") && err.contains("tiny"), "{err}");
+        assert!(
+            err.contains("sd99") && err.contains("sd-turbo") && err.contains("tiny"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -325,11 +333,26 @@ height = 512
 "#;
         assert!(ModelPreset::parse(base, "t").is_ok());
         let no_source = base.replace("repo = \"a/b\"\n", "");
-        assert!(ModelPreset::parse(&no_source, "t").unwrap_err().to_string().contains("repo"));
+        assert!(
+            ModelPreset::parse(&no_source, "t")
+                .unwrap_err()
+                .to_string()
+                .contains("repo")
+        );
         let odd = base.replace("width = 512", "width = 500");
-        assert!(ModelPreset::parse(&odd, "t").unwrap_err().to_string().contains("multiples of 8"));
+        assert!(
+            ModelPreset::parse(&odd, "t")
+                .unwrap_err()
+                .to_string()
+                .contains("multiples of 8")
+        );
         let xl = base.replace("\"sd2\"", "\"sdxl\"");
-        assert!(ModelPreset::parse(&xl, "t").unwrap_err().to_string().contains("text_encoder_2"));
+        assert!(
+            ModelPreset::parse(&xl, "t")
+                .unwrap_err()
+                .to_string()
+                .contains("text_encoder_2")
+        );
         let typo = base.replace("scheduler = \"euler\"", "scheduler = \"eular\"");
         assert!(ModelPreset::parse(&typo, "t").is_err());
     }

@@ -238,12 +238,7 @@ impl Scheduler {
         }
     }
 
-    fn euler_step(
-        &self,
-        eps: &Tensor,
-        i: usize,
-        sample: &Tensor,
-    ) -> candle_core::Result<Tensor> {
+    fn euler_step(&self, eps: &Tensor, i: usize, sample: &Tensor) -> candle_core::Result<Tensor> {
         let sigma = self.sigmas[i];
         let pred = self.pred_original_euler(eps, sigma, sample)?;
         let derivative = ((sample - pred)? / sigma)?;

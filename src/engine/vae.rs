@@ -1,15 +1,19 @@
 //! The KL autoencoder: pixels ↔ latents.
 //!
-//! Assembled from candle's public VAE blocks rather than candle's `AutoEncoderKL`, because
-//! img2img needs the latent distribution's mean and std to draw the latent with *this image's*
-//! seeded noise, and candle keeps those private and samples with an unseeded RNG. The layout
+//! Assembled from candle's public VAE blocks rather than candle's `AutoEncoderKL`, for two
+//! reasons. img2img needs the latent distribution's mean and std to draw the latent with *this
+//! image's* seeded noise, and candle keeps those private and samples with an unseeded RNG. And
+//! candle 0.11's VAE attention block feeds a transposed, non-contiguous activation to `Linear`,
+//! whose broadcast-matmul path on the CPU then computes image 1.. of a batch from the wrong
+//! rows (batch 2 decodes differ from single decodes by up to ~1.0); the mid block here makes
+//! the activation contiguous first, so a batch decodes each image exactly as alone. The layout
 //! and names are diffusers' `AutoencoderKL`.
 
-use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_core::{D, DType, Module, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig,
-    UpDecoderBlock2D, UpDecoderBlock2DConfig,
+    DownEncoderBlock2D, DownEncoderBlock2DConfig, UpDecoderBlock2D, UpDecoderBlock2DConfig,
 };
 
 use super::config::VaeSpec;
@@ -24,22 +28,107 @@ fn conv3(cin: usize, cout: usize, vb: VarBuilder) -> candle_core::Result<Conv2d>
     candle_nn::conv2d(cin, cout, 3, cfg, vb)
 }
 
-fn mid_block(vb: VarBuilder, channels: usize, groups: usize) -> candle_core::Result<UNetMidBlock2D> {
-    let cfg = UNetMidBlock2DConfig {
-        resnet_eps: EPS,
-        output_scale_factor: 1.,
-        attn_num_head_channels: None,
-        resnet_groups: Some(groups),
-        ..Default::default()
+/// A projection stored as `[c, c]` (diffusers) or `[c, c, 1, 1]` (old conv-style checkpoints).
+fn projection(c: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    let weight = match vb.get((c, c), "weight") {
+        Ok(w) => w,
+        Err(_) => vb.get((c, c, 1, 1), "weight")?.reshape((c, c))?,
     };
-    UNetMidBlock2D::new(vb, channels, None, cfg)
+    Ok(Linear::new(weight, Some(vb.get(c, "bias")?)))
+}
+
+/// Single-head self-attention over the pixels of the lowest resolution.
+#[derive(Debug)]
+struct Attention {
+    norm: GroupNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+}
+
+impl Attention {
+    fn new(vb: VarBuilder, c: usize, groups: usize) -> candle_core::Result<Self> {
+        let names = if vb.contains_tensor("to_q.weight") {
+            ["to_q", "to_k", "to_v", "to_out.0"]
+        } else {
+            ["query", "key", "value", "proj_attn"]
+        };
+        Ok(Self {
+            norm: candle_nn::group_norm(groups, c, EPS, vb.pp("group_norm"))?,
+            q: projection(c, vb.pp(names[0]))?,
+            k: projection(c, vb.pp(names[1]))?,
+            v: projection(c, vb.pp(names[2]))?,
+            out: projection(c, vb.pp(names[3]))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        // Contiguous before the projections: see the module header.
+        let x = self
+            .norm
+            .forward(xs)?
+            .reshape((b, c, h * w))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let dtype = x.dtype();
+        let q = self.q.forward(&x)?.to_dtype(DType::F32)?;
+        let k = self.k.forward(&x)?.to_dtype(DType::F32)?;
+        let v = self.v.forward(&x)?.to_dtype(DType::F32)?;
+        let scores = (q.matmul(&k.t()?)? / (c as f64).sqrt())?;
+        // diffusers upcasts this softmax; so do we.
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let attended = probs.matmul(&v)?.to_dtype(dtype)?;
+        let out = self
+            .out
+            .forward(&attended)?
+            .transpose(1, 2)?
+            .reshape((b, c, h, w))?;
+        out + xs
+    }
+}
+
+/// resnet → attention → resnet, at the lowest resolution.
+#[derive(Debug)]
+struct MidBlock {
+    res0: ResnetBlock2D,
+    attn: Attention,
+    res1: ResnetBlock2D,
+}
+
+impl MidBlock {
+    fn new(vb: VarBuilder, c: usize, groups: usize) -> candle_core::Result<Self> {
+        let cfg = ResnetBlock2DConfig {
+            groups,
+            eps: EPS,
+            temb_channels: None,
+            output_scale_factor: 1.,
+            ..Default::default()
+        };
+        Ok(Self {
+            res0: ResnetBlock2D::new(vb.pp("resnets.0"), c, cfg)?,
+            attn: Attention::new(vb.pp("attentions.0"), c, groups)?,
+            res1: ResnetBlock2D::new(vb.pp("resnets.1"), c, cfg)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let xs = self.res0.forward(xs, None)?;
+        let xs = self.attn.forward(&xs)?;
+        self.res1.forward(&xs, None)
+    }
+}
+
+fn mid_block(vb: VarBuilder, channels: usize, groups: usize) -> candle_core::Result<MidBlock> {
+    MidBlock::new(vb, channels, groups)
 }
 
 #[derive(Debug)]
 struct Encoder {
     conv_in: Conv2d,
     down: Vec<DownEncoderBlock2D>,
-    mid: UNetMidBlock2D,
+    mid: MidBlock,
     norm: GroupNorm,
     conv_out: Conv2d,
 }
@@ -81,7 +170,7 @@ impl Encoder {
         for block in &self.down {
             xs = block.forward(&xs)?;
         }
-        let xs = self.norm.forward(&self.mid.forward(&xs, None)?)?;
+        let xs = self.norm.forward(&self.mid.forward(&xs)?)?;
         self.conv_out.forward(&candle_nn::ops::silu(&xs)?)
     }
 }
@@ -89,7 +178,7 @@ impl Encoder {
 #[derive(Debug)]
 struct Decoder {
     conv_in: Conv2d,
-    mid: UNetMidBlock2D,
+    mid: MidBlock,
     up: Vec<UpDecoderBlock2D>,
     norm: GroupNorm,
     conv_out: Conv2d,
@@ -129,7 +218,7 @@ impl Decoder {
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let mut xs = self.mid.forward(&self.conv_in.forward(xs)?, None)?;
+        let mut xs = self.mid.forward(&self.conv_in.forward(xs)?)?;
         for block in &self.up {
             xs = block.forward(&xs)?;
         }
@@ -159,12 +248,24 @@ impl Vae {
     pub fn new(vb: VarBuilder, spec: VaeSpec) -> candle_core::Result<Self> {
         let l = spec.latent_channels;
         let quant_conv = if spec.use_quant_conv {
-            Some(candle_nn::conv2d(2 * l, 2 * l, 1, Default::default(), vb.pp("quant_conv"))?)
+            Some(candle_nn::conv2d(
+                2 * l,
+                2 * l,
+                1,
+                Default::default(),
+                vb.pp("quant_conv"),
+            )?)
         } else {
             None
         };
         let post_quant_conv = if spec.use_post_quant_conv {
-            Some(candle_nn::conv2d(l, l, 1, Default::default(), vb.pp("post_quant_conv"))?)
+            Some(candle_nn::conv2d(
+                l,
+                l,
+                1,
+                Default::default(),
+                vb.pp("post_quant_conv"),
+            )?)
         } else {
             None
         };

@@ -179,11 +179,15 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let reg = PresetRegistry::load(Path::new("/nonexistent")).unwrap();
         let preset = reg.get("sd-turbo").unwrap();
-        let err = ModelFiles::locate_with_cache(preset, Path::new("/nonexistent"), None, tmp.path())
-            .unwrap_err()
-            .to_string();
+        let err =
+            ModelFiles::locate_with_cache(preset, Path::new("/nonexistent"), None, tmp.path())
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("stabilityai/sd-turbo@b261bac6"), "{err}");
-        assert!(err.contains("unet/diffusion_pytorch_model.fp16.safetensors"), "{err}");
+        assert!(
+            err.contains("unet/diffusion_pytorch_model.fp16.safetensors"),
+            "{err}"
+        );
         assert!(err.contains("popcon-worker models fetch sd-turbo"), "{err}");
     }
 
@@ -207,6 +211,11 @@ mod tests {
         let reg = PresetRegistry::load(&dir).unwrap();
         let files = ModelFiles::locate(reg.get("tiny").unwrap(), &dir, None).unwrap();
         assert!(files.path("unet/config.json").unwrap().is_file());
-        assert!(files.dir_of("tokenizer/vocab.json").unwrap().ends_with("tokenizer"));
+        assert!(
+            files
+                .dir_of("tokenizer/vocab.json")
+                .unwrap()
+                .ends_with("tokenizer")
+        );
     }
 }

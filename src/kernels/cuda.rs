@@ -58,7 +58,9 @@ pub(super) fn decoded_to_rgba_cuda(
     let f32_input = decoded.to_dtype(DType::F32)?.contiguous()?;
     let (storage, layout) = f32_input.storage_and_layout();
     let Storage::Cuda(cuda_storage) = &*storage else {
-        return Err(KernelError::Shape("CUDA tensor without CUDA storage".into()));
+        return Err(KernelError::Shape(
+            "CUDA tensor without CUDA storage".into(),
+        ));
     };
     let slice = cuda_storage.as_cuda_slice::<f32>()?;
     // A contiguous view may still start inside its buffer (narrow, or a batch element).
@@ -126,7 +128,9 @@ fn launch_decoded_to_rgba(
 
 /// Classifies the error inside a candle `Error::Cuda`: driver errors are retryable except those
 /// that mean the build does not fit the host (PTX this driver cannot load, no such kernel).
-pub(super) fn driver_error_is_retryable(e: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+pub(super) fn driver_error_is_retryable(
+    e: &(dyn std::error::Error + Send + Sync + 'static),
+) -> bool {
     use candle_core::cuda::CudaError;
     let code = match e.downcast_ref::<CudaError>() {
         Some(CudaError::Cuda(DriverError(code))) => *code,
@@ -166,9 +170,13 @@ mod tests {
     #[test]
     fn driver_errors_classify() {
         let oom = DriverError(sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY);
-        assert!(driver_error_is_retryable(&candle_core::cuda::CudaError::Cuda(oom)));
+        assert!(driver_error_is_retryable(
+            &candle_core::cuda::CudaError::Cuda(oom)
+        ));
         let ptx = DriverError(sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION);
-        assert!(!driver_error_is_retryable(&candle_core::cuda::CudaError::Cuda(ptx)));
+        assert!(!driver_error_is_retryable(
+            &candle_core::cuda::CudaError::Cuda(ptx)
+        ));
         // Through candle's wrapping, as get_or_load_custom_func returns it.
         let wrapped = candle_core::Error::Cuda(Box::new(candle_core::cuda::CudaError::Cuda(
             DriverError(sys::CUresult::CUDA_ERROR_INVALID_PTX),
@@ -176,7 +184,8 @@ mod tests {
         .bt();
         assert!(!KernelError::Candle(wrapped).is_retryable());
         let launch = DriverError(sys::CUresult::CUDA_ERROR_LAUNCH_FAILED);
-        let wrapped = candle_core::Error::Cuda(Box::new(candle_core::cuda::CudaError::Cuda(launch)));
+        let wrapped =
+            candle_core::Error::Cuda(Box::new(candle_core::cuda::CudaError::Cuda(launch)));
         assert!(KernelError::Candle(wrapped).is_retryable());
     }
 
@@ -184,7 +193,9 @@ mod tests {
     /// over [-1.3, 1.3], salted with the values where the two sides could disagree: exact
     /// bounds, rounding half-points, NaN and infinities.
     fn inputs(len: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let specials = [
             -1.0f32,
             1.0,
@@ -218,7 +229,12 @@ mod tests {
         let mut differing = 0usize;
         let mut worst = 0u8;
         for (g, c) in gpu.chunks_exact(4).zip(cpu.chunks_exact(4)) {
-            let d = g.iter().zip(c).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
+            let d = g
+                .iter()
+                .zip(c)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap_or(0);
             if d > 0 {
                 differing += 1;
                 worst = worst.max(d);
@@ -228,7 +244,10 @@ mod tests {
             "{label}: {} pixels, {differing} differ, max difference {worst}",
             gpu.len() / 4
         );
-        assert!(worst <= 1, "{label}: a byte differs by {worst} (only 1 is allowed, at a rounding boundary)");
+        assert!(
+            worst <= 1,
+            "{label}: a byte differs by {worst} (only 1 is allowed, at a rounding boundary)"
+        );
         differing
     }
 
@@ -237,7 +256,9 @@ mod tests {
     fn kernel_matches_cpu_twin() -> Result<(), KernelError> {
         let device = Device::new_cuda(0)?;
         let Device::Cuda(dev) = &device else {
-            return Err(KernelError::Shape("Device::new_cuda gave a non-CUDA device".into()));
+            return Err(KernelError::Shape(
+                "Device::new_cuda gave a non-CUDA device".into(),
+            ));
         };
         let keys = [
             AlphaKey::default(),
@@ -245,7 +266,14 @@ mod tests {
             AlphaKey::new(0, 255)?,
             AlphaKey::new(100, 101)?,
         ];
-        let shapes = [(1, 1, 1), (1, 2, 3), (2, 7, 13), (3, 64, 64), (4, 512, 512), (2, 1024, 768)];
+        let shapes = [
+            (1, 1, 1),
+            (1, 2, 3),
+            (2, 7, 13),
+            (3, 64, 64),
+            (4, 512, 512),
+            (2, 1024, 768),
+        ];
         let mut total_differing = 0usize;
         for (s, &(n, h, w)) in shapes.iter().enumerate() {
             let data = inputs(n * 3 * h * w, s as u64);
@@ -258,7 +286,8 @@ mod tests {
             // A non-zero layout offset: the last image of the batch, via narrow.
             let last = t.narrow(0, n - 1, 1)?;
             let gpu = decoded_to_rgba(&last, AlphaKey::default())?;
-            let cpu = decoded_to_rgba_cpu(&data[(n - 1) * 3 * h * w..], 1, h, w, AlphaKey::default())?;
+            let cpu =
+                decoded_to_rgba_cpu(&data[(n - 1) * 3 * h * w..], 1, h, w, AlphaKey::default())?;
             total_differing += compare(&format!("narrow {n}x3x{h}x{w}"), &gpu, &cpu);
             // f16 and bf16 inputs: the twin gets the same values, widened to f32.
             for dtype in [DType::F16, DType::BF16] {
@@ -290,7 +319,9 @@ mod tests {
                 return Err(KernelError::Shape("expected CUDA storage".into()));
             };
             let src = cs.as_cuda_slice::<f32>()?.slice(layout.start_offset()..);
-            let mut dst = dev.cuda_stream().clone_htod(&vec![poison; n * h * w * 4])
+            let mut dst = dev
+                .cuda_stream()
+                .clone_htod(&vec![poison; n * h * w * 4])
                 .map_err(|e| cuda_err("poison", e))?;
             launch_decoded_to_rgba(dev, &src, n, h * w, AlphaKey::default(), &mut dst)?;
             let gpu = dev.clone_dtoh(&dst)?;

@@ -170,11 +170,18 @@ pub fn decoded_to_rgba_cpu(
     if hw == 0 {
         return Ok(out);
     }
-    for (image, rgba) in decoded.chunks_exact(3 * hw).zip(out.chunks_exact_mut(4 * hw)) {
+    for (image, rgba) in decoded
+        .chunks_exact(3 * hw)
+        .zip(out.chunks_exact_mut(4 * hw))
+    {
         let (r, gb) = image.split_at(hw);
         let (g, b) = gb.split_at(hw);
         for (i, px) in rgba.chunks_exact_mut(4).enumerate() {
-            let (r, g, b) = (channel_to_u8(r[i]), channel_to_u8(g[i]), channel_to_u8(b[i]));
+            let (r, g, b) = (
+                channel_to_u8(r[i]),
+                channel_to_u8(g[i]),
+                channel_to_u8(b[i]),
+            );
             px.copy_from_slice(&[r, g, b, key.alpha(r.min(g).min(b))]);
         }
     }
@@ -214,7 +221,10 @@ pub fn decoded_to_rgba(decoded: &Tensor, key: AlphaKey) -> Result<Vec<u8>, Kerne
     match decoded.device() {
         Device::Cpu => {
             // to_vec1 walks any layout, so a narrowed or permuted view needs no extra copy.
-            let data = decoded.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let data = decoded
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             decoded_to_rgba_cpu(&data, n, h, w, key)
         }
         #[cfg(feature = "cuda")]
@@ -237,14 +247,23 @@ mod tests {
     #[test]
     fn channel_values_map_like_diffusers() {
         // -1 -> 0, 1 -> 255, 0 -> 127.5 -> 128 (half away from zero).
-        assert_eq!(px(&[-1.0, 1.0, 0.0], AlphaKey::disabled()), [0, 255, 128, 255]);
+        assert_eq!(
+            px(&[-1.0, 1.0, 0.0], AlphaKey::disabled()),
+            [0, 255, 128, 255]
+        );
     }
 
     #[test]
     fn out_of_range_clamps_and_nan_is_zero() {
-        assert_eq!(px(&[-7.5, 3.0, f32::NAN], AlphaKey::disabled()), [0, 255, 0, 255]);
         assert_eq!(
-            px(&[f32::NEG_INFINITY, f32::INFINITY, -1.0001], AlphaKey::disabled()),
+            px(&[-7.5, 3.0, f32::NAN], AlphaKey::disabled()),
+            [0, 255, 0, 255]
+        );
+        assert_eq!(
+            px(
+                &[f32::NEG_INFINITY, f32::INFINITY, -1.0001],
+                AlphaKey::disabled()
+            ),
             [0, 255, 0, 255]
         );
     }
@@ -319,9 +338,7 @@ mod tests {
             .map(to_x)
             .collect();
         let out = decoded_to_rgba_cpu(&data, 1, h, w, AlphaKey::default()).expect("2x3");
-        let expected: Vec<u8> = (0..6u8)
-            .flat_map(|i| [i, 10 + i, 20 + i, 255])
-            .collect();
+        let expected: Vec<u8> = (0..6u8).flat_map(|i| [i, 10 + i, 20 + i, 255]).collect();
         assert_eq!(out, expected);
     }
 
@@ -357,7 +374,10 @@ mod tests {
         let want2 = decoded_to_rgba_cpu(&data[3 * 35..], 1, 5, 7, AlphaKey::default())?;
         assert_eq!(decoded_to_rgba(&second, AlphaKey::default())?, want2);
         let f16 = t.to_dtype(DType::F16)?;
-        assert_eq!(decoded_to_rgba(&f16, AlphaKey::default())?.len(), want.len());
+        assert_eq!(
+            decoded_to_rgba(&f16, AlphaKey::default())?.len(),
+            want.len()
+        );
         Ok(())
     }
 

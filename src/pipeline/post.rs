@@ -189,7 +189,11 @@ mod tests {
     fn enclosed_white_regains_opacity_and_background_stays_clear() {
         let mut img = ringed();
         restore_enclosed(&mut img);
-        assert_eq!(img.get_pixel(4, 4)[3], 255, "the enclosed hole is part of the subject");
+        assert_eq!(
+            img.get_pixel(4, 4)[3],
+            255,
+            "the enclosed hole is part of the subject"
+        );
         assert_eq!(img.get_pixel(0, 0)[3], 0);
         assert_eq!(img.get_pixel(8, 4)[3], 0);
         assert_eq!(img.get_pixel(2, 2)[3], 255);
@@ -236,12 +240,18 @@ mod tests {
             max_bytes: 10,
             ..Default::default()
         };
-        assert!(matches!(decode_image(&png, tight), Err(ImageError::TooManyBytes { .. })));
+        assert!(matches!(
+            decode_image(&png, tight),
+            Err(ImageError::TooManyBytes { .. })
+        ));
         let small = ImageLimits {
             max_side: 3,
             ..Default::default()
         };
-        assert!(matches!(decode_image(&png, small), Err(ImageError::TooLarge { .. })));
+        assert!(matches!(
+            decode_image(&png, small),
+            Err(ImageError::TooLarge { .. })
+        ));
         let truncated = &png[..png.len() / 2];
         assert!(decode_image(truncated, ImageLimits::default()).is_err());
     }

@@ -73,7 +73,11 @@ pub struct EmojiPrompt {
 }
 
 /// Subject + expression + style, in the sticker look, with the shared negative prompt.
-pub fn emoji_prompt(subject: &str, expression: &str, style: &str) -> Result<EmojiPrompt, PromptError> {
+pub fn emoji_prompt(
+    subject: &str,
+    expression: &str,
+    style: &str,
+) -> Result<EmojiPrompt, PromptError> {
     let subject = clean("subject", subject)?;
     let expression = clean("expression", expression)?;
     let style = if style.trim().is_empty() {
@@ -97,7 +101,10 @@ mod tests {
             pose_prompt("a red fox").unwrap(),
             "a red fox, head-to-toe shot of the subject, feet visible (not shoes)"
         );
-        assert_eq!(POSE_FRAMING, "head-to-toe shot of the subject, feet visible (not shoes)");
+        assert_eq!(
+            POSE_FRAMING,
+            "head-to-toe shot of the subject, feet visible (not shoes)"
+        );
     }
 
     #[test]
@@ -124,17 +131,28 @@ mod tests {
 
     #[test]
     fn bad_prompt_inputs_are_rejected_precisely() {
-        assert_eq!(pose_prompt("  "), Err(PromptError::Empty { field: "subject" }));
+        assert_eq!(
+            pose_prompt("  "),
+            Err(PromptError::Empty { field: "subject" })
+        );
         assert_eq!(
             emoji_prompt("fox", "", "x"),
-            Err(PromptError::Empty { field: "expression" })
+            Err(PromptError::Empty {
+                field: "expression"
+            })
         );
         let long = "a".repeat(201);
         assert_eq!(
             pose_prompt(&long),
-            Err(PromptError::TooLong { field: "subject", len: 201 })
+            Err(PromptError::TooLong {
+                field: "subject",
+                len: 201
+            })
         );
-        assert_eq!(pose_prompt("fox\u{0007}"), Err(PromptError::Control { field: "subject" }));
+        assert_eq!(
+            pose_prompt("fox\u{0007}"),
+            Err(PromptError::Control { field: "subject" })
+        );
     }
 
     #[test]
