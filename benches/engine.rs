@@ -89,11 +89,13 @@ fn tiny_cpu_stages(c: &mut Criterion) {
         .expect("tiny scheduler")
         .timesteps()[0];
     // The guided context, as generate builds it: the negative prompt's rows, then the prompts'.
+    // The tiny model is SD 2.x, so there is no SDXL added conditioning to pass.
     let mut guided_prompts = vec![req.negative_prompt.clone(); BATCH];
     guided_prompts.extend(req.prompts.iter().cloned());
     let context = engine
         .encode_prompts(&guided_prompts)
-        .expect("tiny text encode");
+        .expect("tiny text encode")
+        .context;
     let unet_in = Tensor::randn(0f32, 1f32, (2 * BATCH, channels, lh, lw), &Device::Cpu)
         .expect("random latents");
     // The VAE runs in f32 on the CPU (and the tiny VAE asks for f32 anyway).
@@ -117,7 +119,7 @@ fn tiny_cpu_stages(c: &mut Criterion) {
     group.bench_function(BenchmarkId::new("unet_forward_cfg", BATCH), |b| {
         b.iter(|| {
             engine
-                .unet_forward(black_box(&unet_in), timestep, &context)
+                .unet_forward(black_box(&unet_in), timestep, &context, None)
                 .expect("unet forward")
         })
     });

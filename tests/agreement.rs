@@ -24,8 +24,10 @@ use popcon_worker::engine::{
 };
 use serde_json::Value;
 
-fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny")
+fn fixture_dir(model: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(model)
 }
 
 struct Fixture {
@@ -34,8 +36,8 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn load() -> Result<Self> {
-        let dir = fixture_dir();
+    fn load(model: &str) -> Result<Self> {
+        let dir = fixture_dir(model);
         let json: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
         let tensors =
@@ -51,10 +53,10 @@ impl Fixture {
     }
 }
 
-fn engine() -> Result<Engine> {
+fn engine(model: &str) -> Result<Engine> {
     let dir = PresetRegistry::default_models_dir();
     let reg = PresetRegistry::load(&dir)?;
-    let preset = reg.get("tiny")?;
+    let preset = reg.get(model)?;
     let files = ModelFiles::locate(preset, &dir, None)?;
     Ok(Engine::load(preset, &files, &EngineOptions::default())?)
 }
@@ -79,8 +81,8 @@ fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) -> Result<()> {
 
 #[test]
 fn tokenizer_ids_match_transformers_for_every_case() -> Result<()> {
-    let fx = Fixture::load()?;
-    let engine = engine()?;
+    let fx = Fixture::load("tiny")?;
+    let engine = engine("tiny")?;
     let cases = fx.json["tokenizer"].as_array().context("tokenizer cases")?;
     assert!(cases.len() >= 10);
     for case in cases {
@@ -93,7 +95,7 @@ fn tokenizer_ids_match_transformers_for_every_case() -> Result<()> {
 
 #[test]
 fn text_encoder_last_penultimate_and_pooled_match() -> Result<()> {
-    let fx = Fixture::load()?;
+    let fx = Fixture::load("tiny")?;
     let dir = PresetRegistry::default_models_dir().join("tiny");
     let spec = config::read_clip_text(&dir.join("text_encoder/config.json"))?;
     // SAFETY: read-only mmap of a file this test does not modify.
@@ -130,20 +132,21 @@ fn text_encoder_last_penultimate_and_pooled_match() -> Result<()> {
 
 #[test]
 fn unet_output_matches() -> Result<()> {
-    let fx = Fixture::load()?;
-    let engine = engine()?;
+    let fx = Fixture::load("tiny")?;
+    let engine = engine("tiny")?;
     let out = engine.unet_forward(
         &fx.t("unet_single.sample")?,
         500.0,
         &fx.t("text_encoder.text_last")?,
+        None,
     )?;
     assert_close("unet", &out, &fx.t("unet_single.out")?, 1e-4)
 }
 
 #[test]
 fn vae_decode_and_encode_match() -> Result<()> {
-    let fx = Fixture::load()?;
-    let engine = engine()?;
+    let fx = Fixture::load("tiny")?;
+    let engine = engine("tiny")?;
     let vae = engine.vae();
     let decoded = vae.decode(&fx.t("vae.vae_decode_in")?)?;
     assert_close("vae decode", &decoded, &fx.t("vae.vae_decode_out")?, 1e-4)?;
@@ -153,10 +156,10 @@ fn vae_decode_and_encode_match() -> Result<()> {
     Ok(())
 }
 
-/// Runs one generation case of the fixture through the engine with replayed noise.
-fn run_case(name: &str) -> Result<()> {
-    let fx = Fixture::load()?;
-    let engine = engine()?;
+/// Runs one generation case of `model`'s fixture through the engine with replayed noise.
+fn run_case(model: &str, name: &str) -> Result<()> {
+    let fx = Fixture::load(model)?;
+    let engine = engine(model)?;
     let case = &fx.json[name];
     let prompts: Vec<String> = serde_json::from_value(case["prompts"].clone())?;
     // Cases without guidance encode no negative prompt (null in the manifest).
@@ -187,7 +190,7 @@ fn run_case(name: &str) -> Result<()> {
         Ok(())
     };
     if case["kind"] == "img2img" {
-        let png = std::fs::read(fixture_dir().join("init.png"))?;
+        let png = std::fs::read(fixture_dir(model).join("init.png"))?;
         let image = image::load_from_memory(&png)?.to_rgb8();
         let strength = case["strength"].as_f64().context("strength")?;
         req.init = Some(InitImage { image, strength });
@@ -228,25 +231,101 @@ fn run_case(name: &str) -> Result<()> {
 
 #[test]
 fn txt2img_euler_ancestral_with_guidance_batch_of_two() -> Result<()> {
-    run_case("t2i_euler_a")
+    run_case("tiny", "t2i_euler_a")
 }
 
 #[test]
 fn txt2img_euler_without_guidance() -> Result<()> {
-    run_case("t2i_euler")
+    run_case("tiny", "t2i_euler")
 }
 
 #[test]
 fn txt2img_ddim_with_negative_prompt() -> Result<()> {
-    run_case("t2i_ddim")
+    run_case("tiny", "t2i_ddim")
 }
 
 #[test]
 fn img2img_euler_ancestral() -> Result<()> {
-    run_case("i2i_euler_a")
+    run_case("tiny", "i2i_euler_a")
 }
 
 #[test]
 fn img2img_ddim() -> Result<()> {
-    run_case("i2i_ddim")
+    run_case("tiny", "i2i_ddim")
+}
+
+// SDXL: two text encoders (penultimate layers concatenated), encoder 2's pooled and projected
+// embedding, and the UNet's `text_time` added conditioning, against `StableDiffusionXLPipeline`.
+
+#[test]
+fn sdxl_tokenizers_match_both_of_transformers() -> Result<()> {
+    let fx = Fixture::load("tiny-xl")?;
+    let engine = engine("tiny-xl")?;
+    for case in fx.json["tokenizer"].as_array().context("tokenizer cases")? {
+        let prompt = case["prompt"].as_str().context("prompt")?;
+        let ids = engine.tokenize(prompt);
+        let want1: Vec<u32> = serde_json::from_value(case["ids"].clone())?;
+        let want2: Vec<u32> = serde_json::from_value(case["ids_2"].clone())?;
+        assert_eq!(ids, [want1, want2], "prompt {prompt:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn sdxl_prompt_embeddings_and_pooled_match_encode_prompt() -> Result<()> {
+    let fx = Fixture::load("tiny-xl")?;
+    let engine = engine("tiny-xl")?;
+    let prompts: Vec<String> = vec!["a cheerful cat, sticker".into(), "a red fox".into()];
+    let cond = engine.encode_prompts(&prompts)?;
+    assert_close(
+        "prompt_embeds",
+        &cond.context,
+        &fx.t("text.prompt_embeds")?,
+        1e-5,
+    )?;
+    let pooled = cond.pooled.context("SDXL yields a pooled embedding")?;
+    assert_close("pooled", &pooled, &fx.t("text.pooled_prompt_embeds")?, 1e-5)?;
+    Ok(())
+}
+
+#[test]
+fn sdxl_unet_with_text_time_conditioning_matches() -> Result<()> {
+    let fx = Fixture::load("tiny-xl")?;
+    let engine = engine("tiny-xl")?;
+    let added = popcon_worker::engine::unet::AddedCond {
+        text_embeds: fx.t("text.pooled_prompt_embeds")?,
+        time_ids: engine.time_ids(2, 64, 64)?,
+    };
+    assert_close(
+        "time ids",
+        &added.time_ids.narrow(0, 0, 1)?,
+        &fx.t("add_time_ids.time_ids")?,
+        0.0,
+    )?;
+    let out = engine.unet_forward(
+        &fx.t("unet_single.sample")?,
+        500.0,
+        &fx.t("text.prompt_embeds")?,
+        Some(&added),
+    )?;
+    assert_close("sdxl unet", &out, &fx.t("unet_single.out")?, 1e-4)?;
+    // Without the added conditioning the model refuses rather than guessing.
+    let err = engine.unet_forward(
+        &fx.t("unet_single.sample")?,
+        500.0,
+        &fx.t("text.prompt_embeds")?,
+        None,
+    );
+    assert!(err.is_err());
+    Ok(())
+}
+
+#[test]
+fn sdxl_txt2img_with_guidance_and_zeroed_negative() -> Result<()> {
+    run_case("tiny-xl", "t2i_cfg")
+}
+
+#[test]
+fn sdxl_txt2img_without_guidance() -> Result<()> {
+    run_case("tiny-xl", "t2i_nocfg")
 }

@@ -79,6 +79,10 @@ struct UNetJson {
     use_linear_projection: bool,
     #[serde(default)]
     addition_embed_type: Option<String>,
+    #[serde(default)]
+    addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    projection_class_embeddings_input_dim: Option<usize>,
 }
 
 fn four() -> usize {
@@ -103,14 +107,22 @@ fn yes() -> bool {
     true
 }
 
-/// A UNet config ready for candle, plus what candle's UNet can't express.
+/// SDXL's `text_time` added conditioning: the pooled text embedding and the size/crop ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextTimeSpec {
+    /// Sinusoidal width per time id (six ids).
+    pub time_embed_dim: usize,
+    /// Pooled text width + 6 × `time_embed_dim`: the input of `add_embedding`.
+    pub input_dim: usize,
+}
+
+/// A UNet config ready for the block builders, plus the added conditioning.
 #[derive(Debug, Clone)]
 pub struct UNetSpec {
     pub config: UNet2DConditionModelConfig,
     pub in_channels: usize,
     pub out_channels: usize,
-    /// SDXL's `text_time` added conditioning, which candle 0.11's UNet does not implement.
-    pub addition_embed_type: Option<String>,
+    pub text_time: Option<TextTimeSpec>,
 }
 
 pub fn read_unet(path: &Path) -> Result<UNetSpec, EngineError> {
@@ -172,6 +184,32 @@ fn unet_from_json(j: UNetJson, path: &Path) -> Result<UNetSpec, EngineError> {
             attention_head_dim,
         });
     }
+    let text_time = match j.addition_embed_type.as_deref() {
+        None => None,
+        Some("text_time") => {
+            let (Some(time_embed_dim), Some(input_dim)) = (
+                j.addition_time_embed_dim,
+                j.projection_class_embeddings_input_dim,
+            ) else {
+                return Err(bad(
+                    "text_time conditioning needs addition_time_embed_dim and \
+                     projection_class_embeddings_input_dim"
+                        .into(),
+                ));
+            };
+            if input_dim <= 6 * time_embed_dim {
+                return Err(bad(format!(
+                    "projection_class_embeddings_input_dim {input_dim} leaves no room for the \
+                     pooled text embedding next to 6 x {time_embed_dim} time features"
+                )));
+            }
+            Some(TextTimeSpec {
+                time_embed_dim,
+                input_dim,
+            })
+        }
+        Some(other) => return Err(bad(format!("unsupported addition_embed_type `{other}`"))),
+    };
     Ok(UNetSpec {
         config: UNet2DConditionModelConfig {
             center_input_sample: j.center_input_sample,
@@ -189,7 +227,7 @@ fn unet_from_json(j: UNetJson, path: &Path) -> Result<UNetSpec, EngineError> {
         },
         in_channels: j.in_channels,
         out_channels: j.out_channels,
-        addition_embed_type: j.addition_embed_type,
+        text_time,
     })
 }
 
@@ -455,7 +493,8 @@ impl ModelSpecs {
                     "up_block_types":["CrossAttnUpBlock2D","CrossAttnUpBlock2D","UpBlock2D"],
                     "attention_head_dim":[5,10,20],"transformer_layers_per_block":[1,2,10],
                     "cross_attention_dim":2048,"use_linear_projection":true,
-                    "addition_embed_type":"text_time"}"#,
+                    "addition_embed_type":"text_time","addition_time_embed_dim":256,
+                    "projection_class_embeddings_input_dim":2816}"#,
                 )
                 .expect("built-in SDXL UNet config parses");
                 (vec![clip_l, big_g], unet, vae(0.13025, true))
@@ -491,7 +530,8 @@ mod tests {
             "up_block_types":["CrossAttnUpBlock2D","CrossAttnUpBlock2D","UpBlock2D"],
             "attention_head_dim":[5,10,20],"transformer_layers_per_block":[1,2,10],
             "cross_attention_dim":2048,"use_linear_projection":true,
-            "addition_embed_type":"text_time"}"#,
+            "addition_embed_type":"text_time","addition_time_embed_dim":256,
+            "projection_class_embeddings_input_dim":2816}"#,
         );
         let spec = read_unet(&p).unwrap();
         let b = &spec.config.blocks;
@@ -499,7 +539,13 @@ mod tests {
         assert_eq!(b[1].use_cross_attn, Some(2));
         assert_eq!(b[2].use_cross_attn, Some(10));
         assert_eq!(b[2].attention_head_dim, 20);
-        assert_eq!(spec.addition_embed_type.as_deref(), Some("text_time"));
+        assert_eq!(
+            spec.text_time,
+            Some(TextTimeSpec {
+                time_embed_dim: 256,
+                input_dim: 2816
+            })
+        );
     }
 
     #[test]

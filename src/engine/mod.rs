@@ -33,7 +33,7 @@ use noise::{NoiseSource, SeededNoise};
 use preset::{Architecture, ModelPreset, SchedulerKind};
 use scheduler::Scheduler;
 use tokenizer::{ClipTokenizer, TokenizerError};
-use unet::UNet;
+use unet::{AddedCond, UNet};
 use vae::Vae;
 use weights::ModelFiles;
 
@@ -311,6 +311,15 @@ pub fn no_observer() -> impl Observer {
     |_: Progress| Flow::Continue
 }
 
+/// Text conditioning for a batch of prompts.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// `[n, tokens, cross_attention_dim]`, the UNet's cross-attention input.
+    pub context: Tensor,
+    /// SDXL: the pooled, projected embedding of the second encoder, `[n, d]`.
+    pub pooled: Option<Tensor>,
+}
+
 /// Wall time per stage of one generation.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StageTimings {
@@ -485,19 +494,28 @@ impl Engine {
                 ),
             });
         }
-        if let Some(kind) = &unet_spec.addition_embed_type {
-            tracing::warn!(
-                model = %preset.name,
-                addition_embed_type = %kind,
-                "candle 0.11's UNet does not apply SDXL's added (pooled text + size) conditioning; \
-                 images differ from diffusers' for this model"
-            );
+        if let Some(tt) = &unet_spec.text_time {
+            let pooled = text_specs
+                .last()
+                .and_then(|s| s.projection_dim)
+                .unwrap_or(0);
+            if pooled + 6 * tt.time_embed_dim != tt.input_dim {
+                return Err(EngineError::Config {
+                    path: "unet/config.json".into(),
+                    message: format!(
+                        "projection_class_embeddings_input_dim {} is not the pooled width {pooled} \
+                         plus 6 x {}",
+                        tt.input_dim, tt.time_embed_dim
+                    ),
+                });
+            }
         }
         let unet = UNet::new(
             unet_vb,
             unet_spec.in_channels,
             unet_spec.out_channels,
             unet_spec.config.clone(),
+            unet_spec.text_time,
         )?;
         let vae = Vae::new(vae_vb, vae_spec)?;
         Ok(Self {
@@ -554,19 +572,43 @@ impl Engine {
             .collect()
     }
 
-    /// The UNet's conditioning for each prompt, `[n, 77, cross_attention_dim]` in the model dtype.
-    pub fn encode_prompts(&self, prompts: &[String]) -> Result<Tensor, EngineError> {
+    /// The UNet's conditioning for each prompt: `[n, 77, cross_attention_dim]` in the model
+    /// dtype, and for SDXL the pooled embedding of the last encoder, `[n, d]`.
+    pub fn encode_prompts(&self, prompts: &[String]) -> Result<Conditioning, EngineError> {
         let mut parts = Vec::with_capacity(self.text.len());
+        let mut pooled = None;
         for stack in &self.text {
             let ids: Vec<Vec<u32>> = prompts.iter().map(|p| stack.tokenizer.encode(p)).collect();
             let enc = stack.encoder.encode(&ids)?;
+            pooled = Some(enc.pooled);
             parts.push(match self.preset.architecture {
                 // SD 2.x checkpoints already drop the last layer; their last state is the one.
                 Architecture::Sd15 | Architecture::Sd2 => enc.last,
                 Architecture::Sdxl => enc.penultimate,
             });
         }
-        Ok(Tensor::cat(&parts, 2)?)
+        Ok(Conditioning {
+            context: Tensor::cat(&parts, 2)?,
+            pooled: if self.unet.needs_added_cond() {
+                pooled
+            } else {
+                None
+            },
+        })
+    }
+
+    /// SDXL's size/crop ids for a `width`x`height` image generated uncropped at its own size:
+    /// `[h, w, 0, 0, h, w]` per row.
+    pub fn time_ids(
+        &self,
+        rows: usize,
+        width: usize,
+        height: usize,
+    ) -> Result<Tensor, EngineError> {
+        let (h, w) = (height as f32, width as f32);
+        let row = [h, w, 0.0, 0.0, h, w];
+        let data: Vec<f32> = (0..rows).flat_map(|_| row).collect();
+        Ok(Tensor::from_vec(data, (rows, 6), &self.device)?)
     }
 
     /// One UNet evaluation (exposed for agreement tests and benchmarks).
@@ -575,11 +617,13 @@ impl Engine {
         latents: &Tensor,
         timestep: f64,
         context: &Tensor,
+        added: Option<&AddedCond>,
     ) -> Result<Tensor, EngineError> {
         let out = self.unet.forward(
             &latents.to_dtype(self.dtype)?,
             timestep,
             &context.to_dtype(self.dtype)?,
+            added,
         )?;
         Ok(out.to_dtype(DType::F32)?)
     }
@@ -641,19 +685,36 @@ impl Engine {
         check(Stage::TextEncode, 0, 1)?;
         let t0 = Instant::now();
         let cond = self.encode_prompts(&req.prompts)?;
-        let context = if guided {
+        let (context, pooled) = if guided {
             let uncond = if self.preset.architecture == Architecture::Sdxl
                 && req.negative_prompt.is_empty()
             {
                 // SDXL repos set `force_zeros_for_empty_prompt`: no negative means zeros.
-                cond.zeros_like()?
+                Conditioning {
+                    context: cond.context.zeros_like()?,
+                    pooled: cond.pooled.as_ref().map(Tensor::zeros_like).transpose()?,
+                }
             } else {
                 let one = self.encode_prompts(std::slice::from_ref(&req.negative_prompt))?;
-                one.repeat((n, 1, 1))?
+                Conditioning {
+                    context: one.context.repeat((n, 1, 1))?,
+                    pooled: one.pooled.map(|p| p.repeat((n, 1))).transpose()?,
+                }
             };
-            Tensor::cat(&[&uncond, &cond], 0)?
+            let pooled = match (uncond.pooled, cond.pooled) {
+                (Some(u), Some(c)) => Some(Tensor::cat(&[&u, &c], 0)?),
+                _ => None,
+            };
+            (Tensor::cat(&[&uncond.context, &cond.context], 0)?, pooled)
         } else {
-            cond
+            (cond.context, cond.pooled)
+        };
+        let added = match pooled {
+            Some(text_embeds) => Some(AddedCond {
+                time_ids: self.time_ids(text_embeds.dim(0)?, req.width, req.height)?,
+                text_embeds,
+            }),
+            None => None,
         };
         self.device.synchronize()?;
         timings.text_encode = t0.elapsed();
@@ -697,7 +758,8 @@ impl Engine {
                 latents.clone()
             };
             let input = scheduler.scale_model_input(&input, i)?;
-            let mut eps = self.unet_forward(&input, scheduler.timesteps()[i], &context)?;
+            let mut eps =
+                self.unet_forward(&input, scheduler.timesteps()[i], &context, added.as_ref())?;
             if guided {
                 let uncond = eps.narrow(0, 0, n)?;
                 let text = eps.narrow(0, n, n)?;

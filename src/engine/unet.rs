@@ -7,7 +7,13 @@
 //! UNet embeds the timestep once (`[1, d]`) and lets the resnets broadcast it, which makes a
 //! batch bit-identical to single runs on the CPU. Block layout, names and arithmetic are
 //! otherwise diffusers' (the agreement tests hold it to the reference).
+//!
+//! It also implements SDXL's `text_time` added conditioning, which candle's UNet lacks: the
+//! pooled text embedding and six size/crop ids, embedded and added to the timestep embedding.
+//! That embedding differs per image, so SDXL batches match single runs to float tolerance
+//! rather than bit for bit.
 
+use super::config::TextTimeSpec;
 use candle_core::{D, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
@@ -41,12 +47,28 @@ impl Up {
     }
 }
 
-/// diffusers' `UNet2DConditionModel` (no added conditioning).
+/// SDXL's added conditioning inputs, one row per UNet batch row.
+#[derive(Debug, Clone)]
+pub struct AddedCond {
+    /// Pooled, projected text embedding of the second encoder, `[b, d]`.
+    pub text_embeds: Tensor,
+    /// `[b, 6]`: original height, width, crop top, crop left, target height, width.
+    pub time_ids: Tensor,
+}
+
+#[derive(Debug)]
+struct TextTime {
+    time_proj: Timesteps,
+    embedding: TimestepEmbedding,
+}
+
+/// diffusers' `UNet2DConditionModel`, optionally with `text_time` added conditioning.
 #[derive(Debug)]
 pub struct UNet {
     conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
+    text_time: Option<TextTime>,
     down: Vec<Down>,
     mid: UNetMidBlock2DCrossAttn,
     up: Vec<Up>,
@@ -69,6 +91,7 @@ impl UNet {
         in_channels: usize,
         out_channels: usize,
         config: UNet2DConditionModelConfig,
+        text_time: Option<TextTimeSpec>,
     ) -> candle_core::Result<Self> {
         let blocks = &config.blocks;
         let n = blocks.len();
@@ -81,6 +104,17 @@ impl UNet {
         let conv_in = conv3(in_channels, first, vb.pp("conv_in"))?;
         let time_proj = Timesteps::new(first, config.flip_sin_to_cos, config.freq_shift);
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), first, temb)?;
+        let text_time = match text_time {
+            Some(spec) => Some(TextTime {
+                time_proj: Timesteps::new(
+                    spec.time_embed_dim,
+                    config.flip_sin_to_cos,
+                    config.freq_shift,
+                ),
+                embedding: TimestepEmbedding::new(vb.pp("add_embedding"), spec.input_dim, temb)?,
+            }),
+            None => None,
+        };
 
         let mut down = Vec::with_capacity(n);
         for (i, b) in blocks.iter().enumerate() {
@@ -197,6 +231,7 @@ impl UNet {
             conv_in,
             time_proj,
             time_embedding,
+            text_time,
             down,
             mid,
             up,
@@ -206,13 +241,19 @@ impl UNet {
         })
     }
 
+    /// Whether the model needs [`AddedCond`] (SDXL).
+    pub fn needs_added_cond(&self) -> bool {
+        self.text_time.is_some()
+    }
+
     /// Predicts the noise (or v) of `xs` `[b, c, h, w]` at `timestep`, conditioned on
-    /// `context` `[b, tokens, cross_attention_dim]`.
+    /// `context` `[b, tokens, cross_attention_dim]` (and `added` for SDXL).
     pub fn forward(
         &self,
         xs: &Tensor,
         timestep: f64,
         context: &Tensor,
+        added: Option<&AddedCond>,
     ) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let n = self.config.blocks.len();
@@ -225,7 +266,23 @@ impl UNet {
         };
         // One row for the whole batch: see the module header.
         let t = (Tensor::ones(1, xs.dtype(), xs.device())? * timestep)?;
-        let emb = self.time_embedding.forward(&self.time_proj.forward(&t)?)?;
+        let mut emb = self.time_embedding.forward(&self.time_proj.forward(&t)?)?;
+        match (&self.text_time, added) {
+            (None, _) => {}
+            (Some(tt), Some(added)) => {
+                let b = added.time_ids.dim(0)?;
+                let ids = added.time_ids.to_dtype(xs.dtype())?.flatten_all()?;
+                let time_embeds = tt.time_proj.forward(&ids)?.reshape((b, ()))?;
+                let input = Tensor::cat(
+                    &[&added.text_embeds.to_dtype(xs.dtype())?, &time_embeds],
+                    D::Minus1,
+                )?;
+                emb = emb.broadcast_add(&tt.embedding.forward(&input)?)?;
+            }
+            (Some(_), None) => {
+                candle_core::bail!("this UNet needs the pooled text embedding and time ids (SDXL)")
+            }
+        }
 
         let xs = self.conv_in.forward(&xs)?;
         let mut skips = vec![xs.clone()];
