@@ -14,8 +14,13 @@
 //! - [`kernels`]: our own CUDA kernels (`kernels/*.cu`, feature `cuda`), each with a CPU twin
 //!   that is the reference and the path used everywhere else.
 //!
+//! - [`job`]: ids, actions, statuses and the queue message (`RawMessage` → `ValidJob`).
+//!
 //! Queue, store, worker, enqueue and HTTP modules arrive with the daemon and API issues.
 
 pub mod engine;
+pub mod job;
 pub mod kernels;
 pub mod pipeline;
+pub mod queue;
+pub mod store;

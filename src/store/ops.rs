@@ -1,0 +1,798 @@
+// The store's operations, written once and compiled into each backend module (`mod ops {
+// include!("ops.rs"); }` in `sqlite.rs` and `postgres.rs`). Each backend provides, under the
+// same names: `Db` (the sqlx database), `DbRow`, `Imp` (its store struct, with a `pool`), the
+// `sql` constants that differ between the databases, and the `ts` / `get_ts` / `text_list`
+// parameter helpers. Writing the logic once keeps the two backends from drifting apart (the
+// conformance suite then checks they behave alike); compiling it per backend keeps it on
+// concrete sqlx types instead of a wall of generic `Executor` bounds.
+//
+// Conventions that every write follows, and why:
+// - Writes run in `begin_write()` transactions (`BEGIN IMMEDIATE` on SQLite: the write lock is
+//   taken up front, so a transaction never fails half way on a lock upgrade).
+// - Any transaction that touches emoji rows first locks the job row (`sql::LOCK_JOB`: `FOR
+//   UPDATE` on Postgres; SQLite's write lock already serializes). One lock order, job then
+//   emoji, everywhere: no deadlocks, and job settlement sees every committed sibling.
+// - Conditional writes decide in the `WHERE` clause (fence, allowed statuses), never by a read
+//   followed by a write; the read after a miss only explains the miss, inside the same
+//   transaction.
+// - Early returns roll back explicitly rather than leaving it to `Drop`, so a pooled SQLite
+//   connection never goes back to the pool holding the write lock.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::{Row, Transaction};
+
+use super::{Db, DbRow, Imp, get_ts, sql, text_list, ts};
+use crate::job::{EmojiStatus, JobStatus};
+use crate::store::{
+    EmojiOutcome, EmojiRecord, JobRecord, LedgerOutcome, NewJob, PreflipOutcome, StartOutcome,
+    StoreError, StoreResult, UserRecord, WriteOutcome, now, parse_emoji_status, parse_job_status,
+    seed_from_db, seed_to_db, stored_u32, stored_u64,
+};
+
+type Tx = Transaction<'static, Db>;
+
+/// Why a fenced conditional write matched no row.
+enum Miss {
+    Missing,
+    Superseded(u64),
+    WrongState(EmojiStatus),
+}
+
+impl From<Miss> for StartOutcome {
+    fn from(m: Miss) -> Self {
+        match m {
+            Miss::Missing => StartOutcome::Missing,
+            Miss::Superseded(f) => StartOutcome::Superseded { current_fence: f },
+            Miss::WrongState(s) => StartOutcome::WrongState(s),
+        }
+    }
+}
+
+impl From<Miss> for WriteOutcome {
+    fn from(m: Miss) -> Self {
+        match m {
+            Miss::Missing => WriteOutcome::Missing,
+            Miss::Superseded(f) => WriteOutcome::Superseded { current_fence: f },
+            Miss::WrongState(s) => WriteOutcome::WrongState(s),
+        }
+    }
+}
+
+fn user_from_row(row: &DbRow) -> StoreResult<UserRecord> {
+    Ok(UserRecord {
+        id: row.try_get("id")?,
+        token_hash: row.try_get("token_hash")?,
+        is_admin: row.try_get("is_admin")?,
+        created_at: get_ts(row, "created_at")?,
+    })
+}
+
+fn job_from_row(row: &DbRow) -> StoreResult<JobRecord> {
+    Ok(JobRecord {
+        id: row.try_get("id")?,
+        user_id: row.try_get("user_id")?,
+        status: parse_job_status(&row.try_get::<String, _>("status")?)?,
+        subject: row.try_get("subject")?,
+        style: row.try_get("style")?,
+        seed: seed_from_db(row.try_get("seed")?),
+        model: row.try_get("model")?,
+        reference_key: row.try_get("reference_key")?,
+        pose_key: row.try_get("pose_key")?,
+        thumbnail_path: row.try_get("thumbnail_path")?,
+        thumbnail_key: row.try_get("thumbnail_key")?,
+        created_at: get_ts(row, "created_at")?,
+        updated_at: get_ts(row, "updated_at")?,
+        emoji: Vec::new(),
+    })
+}
+
+fn emoji_from_row(row: &DbRow) -> StoreResult<EmojiRecord> {
+    Ok(EmojiRecord {
+        job_id: row.try_get("job_id")?,
+        idx: stored_u32(row.try_get("idx")?, "emoji index")?,
+        label: row.try_get("label")?,
+        status: parse_emoji_status(&row.try_get::<String, _>("status")?)?,
+        fence: stored_u64(row.try_get("fence")?, "fence")?,
+        image_key: row.try_get("image_key")?,
+        seed: row.try_get::<Option<i64>, _>("seed")?.map(seed_from_db),
+        attempts: stored_u32(row.try_get("attempts")?, "attempts")?,
+        error: row.try_get("error")?,
+        animation_key: row.try_get("animation_key")?,
+        updated_at: get_ts(row, "updated_at")?,
+    })
+}
+
+/// Locks the job row for the rest of the transaction; false when there is no such job.
+async fn lock_job(tx: &mut Tx, job_id: &str) -> StoreResult<bool> {
+    Ok(sqlx::query(sql::LOCK_JOB)
+        .bind(job_id)
+        .fetch_optional(&mut **tx)
+        .await?
+        .is_some())
+}
+
+/// Explains why a fenced write on (job, idx) matched nothing: no row, a newer fence, or a
+/// status the write does not apply to.
+async fn explain_miss(tx: &mut Tx, job_id: &str, idx: u32, fence: i64) -> StoreResult<Miss> {
+    let row = sqlx::query("SELECT status, fence FROM emoji_results WHERE job_id = $1 AND idx = $2")
+        .bind(job_id)
+        .bind(i64::from(idx))
+        .fetch_optional(&mut **tx)
+        .await?;
+    let Some(row) = row else {
+        return Ok(Miss::Missing);
+    };
+    let current: i64 = row.try_get("fence")?;
+    if current != fence {
+        return Ok(Miss::Superseded(stored_u64(current, "fence")?));
+    }
+    Ok(Miss::WrongState(parse_emoji_status(
+        &row.try_get::<String, _>("status")?,
+    )?))
+}
+
+/// Derives the job's status from all its emoji rows and stores it when every row has settled.
+/// Runs under the job lock, so it sees every sibling write committed before ours.
+async fn settle(tx: &mut Tx, job_id: &str, now: DateTime<Utc>) -> StoreResult<Option<JobStatus>> {
+    let rows = sqlx::query("SELECT status FROM emoji_results WHERE job_id = $1")
+        .bind(job_id)
+        .fetch_all(&mut **tx)
+        .await?;
+    let statuses = rows
+        .iter()
+        .map(|r| parse_emoji_status(&r.try_get::<String, _>("status")?))
+        .collect::<StoreResult<Vec<_>>>()?;
+    let Some(status) = JobStatus::settled(&statuses) else {
+        return Ok(None);
+    };
+    sqlx::query("UPDATE jobs SET status = $2, updated_at = $3 WHERE id = $1 AND status <> $2")
+        .bind(job_id)
+        .bind(status.as_str())
+        .bind(ts(now))
+        .execute(&mut **tx)
+        .await?;
+    Ok(Some(status))
+}
+
+async fn balance_in(tx: &mut Tx, user_id: &str) -> StoreResult<i64> {
+    Ok(sqlx::query(sql::BALANCE)
+        .bind(user_id)
+        .fetch_one(&mut **tx)
+        .await?
+        .try_get("balance")?)
+}
+
+async fn rollback<T>(tx: Tx, value: T) -> StoreResult<T> {
+    tx.rollback().await?;
+    Ok(value)
+}
+
+impl Imp {
+    async fn begin_write(&self) -> StoreResult<Tx> {
+        Ok(self.pool.begin_with(sql::BEGIN_WRITE).await?)
+    }
+
+    async fn begin_read(&self) -> StoreResult<Tx> {
+        Ok(self.pool.begin_with(sql::BEGIN_READ).await?)
+    }
+
+    pub(in crate::store) async fn migrate(&self) -> StoreResult<()> {
+        super::migrator().await?.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub(in crate::store) async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub(in crate::store) async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    // ---- users ---------------------------------------------------------------------------
+
+    pub(in crate::store) async fn create_user(
+        &self,
+        id: &str,
+        token_hash: &str,
+        is_admin: bool,
+    ) -> StoreResult<UserRecord> {
+        let created_at = now();
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO users (id, token_hash, is_admin, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(token_hash)
+        .bind(is_admin)
+        .bind(ts(created_at))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(UserRecord {
+            id: id.to_owned(),
+            token_hash: token_hash.to_owned(),
+            is_admin,
+            created_at,
+        })
+    }
+
+    pub(in crate::store) async fn user_by_token_hash(
+        &self,
+        token_hash: &str,
+    ) -> StoreResult<Option<UserRecord>> {
+        sqlx::query("SELECT id, token_hash, is_admin, created_at FROM users WHERE token_hash = $1")
+            .bind(token_hash)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(user_from_row)
+            .transpose()
+    }
+
+    pub(in crate::store) async fn get_user(&self, id: &str) -> StoreResult<Option<UserRecord>> {
+        sqlx::query("SELECT id, token_hash, is_admin, created_at FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(user_from_row)
+            .transpose()
+    }
+
+    // ---- jobs ----------------------------------------------------------------------------
+
+    pub(in crate::store) async fn create_job(&self, job: &NewJob) -> StoreResult<JobRecord> {
+        let now = now();
+        let mut tx = self.begin_write().await?;
+        sqlx::query(concat!(
+            "INSERT INTO jobs (",
+            job_cols!(),
+            ") VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7, NULL, NULL, NULL, $8, $8)"
+        ))
+        .bind(&job.id)
+        .bind(&job.user_id)
+        .bind(&job.subject)
+        .bind(&job.style)
+        .bind(seed_to_db(job.seed))
+        .bind(&job.model)
+        .bind(&job.reference_key)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?;
+        let mut emoji = Vec::with_capacity(job.labels.len());
+        for (idx, label) in (0u32..).zip(&job.labels) {
+            sqlx::query(concat!(
+                "INSERT INTO emoji_results (",
+                emoji_cols!(),
+                ") VALUES ($1, $2, $3, 'pending', 1, NULL, NULL, 0, NULL, NULL, $4)"
+            ))
+            .bind(&job.id)
+            .bind(i64::from(idx))
+            .bind(label)
+            .bind(ts(now))
+            .execute(&mut *tx)
+            .await?;
+            emoji.push(EmojiRecord {
+                job_id: job.id.clone(),
+                idx,
+                label: label.clone(),
+                status: EmojiStatus::Pending,
+                fence: 1,
+                image_key: None,
+                seed: None,
+                attempts: 0,
+                error: None,
+                animation_key: None,
+                updated_at: now,
+            });
+        }
+        tx.commit().await?;
+        Ok(JobRecord {
+            id: job.id.clone(),
+            user_id: job.user_id.clone(),
+            status: JobStatus::Pending,
+            subject: job.subject.clone(),
+            style: job.style.clone(),
+            seed: job.seed,
+            model: job.model.clone(),
+            reference_key: job.reference_key.clone(),
+            pose_key: None,
+            thumbnail_path: None,
+            thumbnail_key: None,
+            created_at: now,
+            updated_at: now,
+            emoji,
+        })
+    }
+
+    pub(in crate::store) async fn get_job(&self, id: &str) -> StoreResult<Option<JobRecord>> {
+        // One snapshot for the job row and its emoji rows: two autocommit reads could straddle
+        // a commit and show emoji 0 done next to a job row from before its thumbnail write.
+        let mut tx = self.begin_read().await?;
+        let row = sqlx::query(concat!("SELECT ", job_cols!(), " FROM jobs WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            return rollback(tx, None).await;
+        };
+        let mut job = job_from_row(&row)?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            emoji_cols!(),
+            " FROM emoji_results WHERE job_id = $1 ORDER BY idx"
+        ))
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await?;
+        job.emoji = rows
+            .iter()
+            .map(emoji_from_row)
+            .collect::<StoreResult<_>>()?;
+        rollback(tx, Some(job)).await
+    }
+
+    pub(in crate::store) async fn list_jobs(
+        &self,
+        user_id: Option<&str>,
+        limit: u32,
+        offset: u32,
+    ) -> StoreResult<Vec<JobRecord>> {
+        let mut tx = self.begin_read().await?;
+        let rows = match user_id {
+            Some(user) => {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    job_cols!(),
+                    " FROM jobs WHERE user_id = $1 ORDER BY created_at DESC, id DESC \
+                     LIMIT $2 OFFSET $3"
+                ))
+                .bind(user)
+                .bind(i64::from(limit))
+                .bind(i64::from(offset))
+                .fetch_all(&mut *tx)
+                .await?
+            }
+            None => {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    job_cols!(),
+                    " FROM jobs ORDER BY created_at DESC, id DESC LIMIT $1 OFFSET $2"
+                ))
+                .bind(i64::from(limit))
+                .bind(i64::from(offset))
+                .fetch_all(&mut *tx)
+                .await?
+            }
+        };
+        let mut jobs = rows
+            .iter()
+            .map(job_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        if jobs.is_empty() {
+            return rollback(tx, jobs).await;
+        }
+        let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+        let rows = sqlx::query(sql::EMOJI_OF_JOBS)
+            .bind(text_list(&ids))
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut by_job: HashMap<String, Vec<EmojiRecord>> = HashMap::new();
+        for row in &rows {
+            let e = emoji_from_row(row)?;
+            by_job.entry(e.job_id.clone()).or_default().push(e);
+        }
+        for job in &mut jobs {
+            job.emoji = by_job.remove(&job.id).unwrap_or_default();
+        }
+        rollback(tx, jobs).await
+    }
+
+    pub(in crate::store) async fn set_job_status(
+        &self,
+        job_id: &str,
+        status: JobStatus,
+    ) -> StoreResult<bool> {
+        let mut tx = self.begin_write().await?;
+        let n = sqlx::query("UPDATE jobs SET status = $2, updated_at = $3 WHERE id = $1")
+            .bind(job_id)
+            .bind(status.as_str())
+            .bind(ts(now()))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    pub(in crate::store) async fn set_pose_key(
+        &self,
+        job_id: &str,
+        key: &str,
+    ) -> StoreResult<bool> {
+        let mut tx = self.begin_write().await?;
+        let n = sqlx::query("UPDATE jobs SET pose_key = $2, updated_at = $3 WHERE id = $1")
+            .bind(job_id)
+            .bind(key)
+            .bind(ts(now()))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(n > 0)
+    }
+
+    // ---- emoji: worker side --------------------------------------------------------------
+
+    pub(in crate::store) async fn start_emoji(
+        &self,
+        job_id: &str,
+        idx: u32,
+        fence: i64,
+    ) -> StoreResult<StartOutcome> {
+        let now = now();
+        let mut tx = self.begin_write().await?;
+        if !lock_job(&mut tx, job_id).await? {
+            return rollback(tx, StartOutcome::Missing).await;
+        }
+        // `running` is accepted for the same fence: that is this very message redelivered
+        // after its worker died mid-run (the run-once key keeps two live workers apart).
+        let row = sqlx::query(
+            "UPDATE emoji_results SET status = 'running', attempts = attempts + 1, updated_at = $4 \
+             WHERE job_id = $1 AND idx = $2 AND fence = $3 AND status IN ('pending', 'running') \
+             RETURNING attempts",
+        )
+        .bind(job_id)
+        .bind(i64::from(idx))
+        .bind(fence)
+        .bind(ts(now))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            let miss = explain_miss(&mut tx, job_id, idx, fence).await?;
+            return rollback(tx, miss.into()).await;
+        };
+        let attempts = stored_u32(row.try_get("attempts")?, "attempts")?;
+        sqlx::query(
+            "UPDATE jobs SET status = 'running', updated_at = $2 WHERE id = $1 AND status = 'pending'",
+        )
+        .bind(job_id)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(StartOutcome::Started { attempts })
+    }
+
+    pub(in crate::store) async fn finish_emoji(
+        &self,
+        o: &EmojiOutcome,
+        fence: i64,
+    ) -> StoreResult<WriteOutcome> {
+        let now = now();
+        let mut tx = self.begin_write().await?;
+        if !lock_job(&mut tx, &o.job_id).await? {
+            return rollback(tx, WriteOutcome::Missing).await;
+        }
+        let n = sqlx::query(
+            "UPDATE emoji_results \
+             SET status = 'done', image_key = $4, seed = $5, error = NULL, updated_at = $6 \
+             WHERE job_id = $1 AND idx = $2 AND fence = $3 AND status IN ('pending', 'running')",
+        )
+        .bind(&o.job_id)
+        .bind(i64::from(o.idx))
+        .bind(fence)
+        .bind(&o.image_key)
+        .bind(seed_to_db(o.seed))
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            let miss = explain_miss(&mut tx, &o.job_id, o.idx, fence).await?;
+            return rollback(tx, miss.into()).await;
+        }
+        if o.idx == 0 {
+            // The seed's archive incident: this write and the row's must commit together.
+            let thumb = o
+                .thumbnail
+                .as_ref()
+                .ok_or_else(|| StoreError::invalid("emoji 0 must be written with its thumbnail"))?;
+            sqlx::query(
+                "UPDATE jobs SET thumbnail_path = $2, thumbnail_key = $3, updated_at = $4 \
+                 WHERE id = $1",
+            )
+            .bind(&o.job_id)
+            .bind(&thumb.path)
+            .bind(&thumb.key)
+            .bind(ts(now))
+            .execute(&mut *tx)
+            .await?;
+        }
+        let settled = settle(&mut tx, &o.job_id, now).await?;
+        tx.commit().await?;
+        Ok(WriteOutcome::Written { settled })
+    }
+
+    pub(in crate::store) async fn fail_emoji(
+        &self,
+        job_id: &str,
+        idx: u32,
+        fence: i64,
+        error: &str,
+    ) -> StoreResult<WriteOutcome> {
+        let now = now();
+        let mut tx = self.begin_write().await?;
+        if !lock_job(&mut tx, job_id).await? {
+            return rollback(tx, WriteOutcome::Missing).await;
+        }
+        // The previous image_key stays: it is still a real image (the thumbnail chain's
+        // emoji-0 fallback can use it) until a later success replaces it.
+        let n = sqlx::query(
+            "UPDATE emoji_results SET status = 'failed', error = $4, updated_at = $5 \
+             WHERE job_id = $1 AND idx = $2 AND fence = $3 AND status IN ('pending', 'running')",
+        )
+        .bind(job_id)
+        .bind(i64::from(idx))
+        .bind(fence)
+        .bind(error)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            let miss = explain_miss(&mut tx, job_id, idx, fence).await?;
+            return rollback(tx, miss.into()).await;
+        }
+        let settled = settle(&mut tx, job_id, now).await?;
+        tx.commit().await?;
+        Ok(WriteOutcome::Written { settled })
+    }
+
+    pub(in crate::store) async fn fail_unsettled(
+        &self,
+        job_id: &str,
+        fence: i64,
+        error: &str,
+    ) -> StoreResult<Option<Vec<u32>>> {
+        let now = now();
+        let mut tx = self.begin_write().await?;
+        if !lock_job(&mut tx, job_id).await? {
+            return rollback(tx, None).await;
+        }
+        let rows = sqlx::query(
+            "UPDATE emoji_results SET status = 'failed', error = $3, updated_at = $4 \
+             WHERE job_id = $1 AND fence = $2 AND status IN ('pending', 'running') RETURNING idx",
+        )
+        .bind(job_id)
+        .bind(fence)
+        .bind(error)
+        .bind(ts(now))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut failed = rows
+            .iter()
+            .map(|r| stored_u32(r.try_get("idx")?, "emoji index"))
+            .collect::<StoreResult<Vec<_>>>()?;
+        failed.sort_unstable();
+        settle(&mut tx, job_id, now).await?;
+        tx.commit().await?;
+        Ok(Some(failed))
+    }
+
+    pub(in crate::store) async fn approve_emoji(
+        &self,
+        job_id: &str,
+        idx: u32,
+        fence: i64,
+    ) -> StoreResult<WriteOutcome> {
+        let now = now();
+        let mut tx = self.begin_write().await?;
+        if !lock_job(&mut tx, job_id).await? {
+            return rollback(tx, WriteOutcome::Missing).await;
+        }
+        let n = sqlx::query(
+            "UPDATE emoji_results SET status = 'approved', updated_at = $4 \
+             WHERE job_id = $1 AND idx = $2 AND fence = $3 AND status = 'done'",
+        )
+        .bind(job_id)
+        .bind(i64::from(idx))
+        .bind(fence)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            let miss = explain_miss(&mut tx, job_id, idx, fence).await?;
+            return rollback(tx, miss.into()).await;
+        }
+        let settled = settle(&mut tx, job_id, now).await?;
+        tx.commit().await?;
+        Ok(WriteOutcome::Written { settled })
+    }
+
+    pub(in crate::store) async fn approve_all(
+        &self,
+        job_id: &str,
+    ) -> StoreResult<Option<Vec<u32>>> {
+        let now = now();
+        let mut tx = self.begin_write().await?;
+        if !lock_job(&mut tx, job_id).await? {
+            return rollback(tx, None).await;
+        }
+        let rows = sqlx::query(
+            "UPDATE emoji_results SET status = 'approved', updated_at = $2 \
+             WHERE job_id = $1 AND status = 'done' RETURNING idx",
+        )
+        .bind(job_id)
+        .bind(ts(now))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut approved = rows
+            .iter()
+            .map(|r| stored_u32(r.try_get("idx")?, "emoji index"))
+            .collect::<StoreResult<Vec<_>>>()?;
+        approved.sort_unstable();
+        settle(&mut tx, job_id, now).await?;
+        tx.commit().await?;
+        Ok(Some(approved))
+    }
+
+    pub(in crate::store) async fn bump_attempts(
+        &self,
+        job_id: &str,
+        idx: u32,
+    ) -> StoreResult<Option<u32>> {
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query(
+            "UPDATE emoji_results SET attempts = attempts + 1, updated_at = $3 \
+             WHERE job_id = $1 AND idx = $2 RETURNING attempts",
+        )
+        .bind(job_id)
+        .bind(i64::from(idx))
+        .bind(ts(now()))
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        row.map(|r| stored_u32(r.try_get("attempts")?, "attempts"))
+            .transpose()
+    }
+
+    // ---- emoji: enqueue side -------------------------------------------------------------
+
+    pub(in crate::store) async fn preflip(
+        &self,
+        job_id: &str,
+        idx: u32,
+        expected: &[EmojiStatus],
+        keep_status: bool,
+    ) -> StoreResult<PreflipOutcome> {
+        let now = now();
+        let expected: Vec<&str> = expected.iter().map(|s| s.as_str()).collect();
+        let mut tx = self.begin_write().await?;
+        if !lock_job(&mut tx, job_id).await? {
+            return rollback(tx, PreflipOutcome::Missing).await;
+        }
+        // The decision is this one statement: of concurrent callers, the first to update the
+        // row changes its status (or fence) and every later one no longer matches `expected`
+        // (Postgres re-checks the WHERE clause against the committed row after the lock wait).
+        let row = sqlx::query(if keep_status {
+            sql::BUMP_FENCE
+        } else {
+            sql::PREFLIP
+        })
+        .bind(job_id)
+        .bind(i64::from(idx))
+        .bind(text_list(&expected))
+        .bind(ts(now))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            let status =
+                sqlx::query("SELECT status FROM emoji_results WHERE job_id = $1 AND idx = $2")
+                    .bind(job_id)
+                    .bind(i64::from(idx))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let outcome = match status {
+                None => PreflipOutcome::Missing,
+                Some(r) => PreflipOutcome::WrongState(parse_emoji_status(
+                    &r.try_get::<String, _>("status")?,
+                )?),
+            };
+            return rollback(tx, outcome).await;
+        };
+        let fence = stored_u64(row.try_get("fence")?, "fence")?;
+        if !keep_status {
+            // Work is queued again: a settled job is no longer settled.
+            sqlx::query(
+                "UPDATE jobs SET status = 'pending', updated_at = $2 \
+                 WHERE id = $1 AND status IN ('done', 'partial', 'failed')",
+            )
+            .bind(job_id)
+            .bind(ts(now))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(PreflipOutcome::Flipped { fence })
+    }
+
+    // ---- credits -------------------------------------------------------------------------
+
+    pub(in crate::store) async fn apply_ledger(
+        &self,
+        user_id: &str,
+        delta: i64,
+        reason: &str,
+        idem_key: &str,
+        must_cover: bool,
+    ) -> StoreResult<LedgerOutcome> {
+        let now = now();
+        let mut tx = self.begin_write().await?;
+        // Serializes every ledger write of this user: the balance read below cannot be
+        // invalidated by a concurrent charge before our insert commits.
+        let user = sqlx::query(sql::LOCK_USER)
+            .bind(user_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if user.is_none() {
+            tx.rollback().await?;
+            return Err(StoreError::UnknownUser(user_id.to_owned()));
+        }
+        let existing = sqlx::query("SELECT user_id, delta FROM credit_ledger WHERE idem_key = $1")
+            .bind(idem_key)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(row) = existing {
+            let same = row.try_get::<String, _>("user_id")? == user_id
+                && row.try_get::<i64, _>("delta")? == delta;
+            let balance = balance_in(&mut tx, user_id).await?;
+            tx.rollback().await?;
+            return if same {
+                Ok(LedgerOutcome::AlreadyApplied { balance })
+            } else {
+                Err(StoreError::IdemKeyReused {
+                    key: idem_key.to_owned(),
+                })
+            };
+        }
+        let balance = balance_in(&mut tx, user_id).await?;
+        let Some(after) = balance.checked_add(delta) else {
+            tx.rollback().await?;
+            return Err(StoreError::invalid("balance would overflow"));
+        };
+        if must_cover && after < 0 {
+            tx.rollback().await?;
+            return Err(StoreError::InsufficientCredits {
+                balance,
+                needed: -delta,
+            });
+        }
+        sqlx::query(
+            "INSERT INTO credit_ledger (user_id, delta, reason, idem_key, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(user_id)
+        .bind(delta)
+        .bind(reason)
+        .bind(idem_key)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(LedgerOutcome::Applied { balance: after })
+    }
+
+    pub(in crate::store) async fn balance(&self, user_id: &str) -> StoreResult<i64> {
+        Ok(sqlx::query(sql::BALANCE)
+            .bind(user_id)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("balance")?)
+    }
+}
