@@ -8,7 +8,7 @@
 //!
 //! Why a CPU twin for every kernel:
 //! - it is the *reference*: the kernel must produce the same bytes, and the GPU test in
-//!   [`cuda`] compares the two on the same inputs;
+//!   `cuda.rs` (feature `cuda`) compares the two on the same inputs;
 //! - it is what runs everywhere else (CPU builds, CI, tests), so the output of the pipeline does
 //!   not depend on which device produced it;
 //! - it is the only version CI can test, since CI has no GPU.
