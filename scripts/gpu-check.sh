@@ -13,8 +13,8 @@
 #              below; a missing CUDA library fails here, clearly, not later
 #   tests      each test executable with `--ignored` and the filters in GPU_TEST_FILTERS
 #              (default "cuda": the GPU-only tests live in `cuda` modules)
-#   bench      HOOK, lead to fill: a bench executable on the GPU
-#   generate   HOOK, lead to fill: `popcon-worker generate` with real-size random weights
+#   bench      the engine bench's CUDA groups (real-size sd-turbo / sdxl-turbo, images/s)
+#   generate   `popcon-worker generate --device cuda` with the tiny model, batch 4
 #
 # Environment: GPU_DIST (default gpu-dist), GPU_TEST_FILTERS (default "cuda"), STEP_TIMEOUT
 # (seconds per step, default 240), CUDA_LIBS (extra dirs holding CUDA 13 libraries, ':'-separated),
@@ -173,32 +173,58 @@ for b in "$work"/bin/unit-* "$work"/bin/test-*; do
 done
 ((ran_tests)) || record tests FAIL 0 "no unit-* or test-* executable in $dist/bin"
 
-# --- hooks: lead to fill ----------------------------------------------------------------------
+# --- bench and generate ------------------------------------------------------------------------
 
-# A CUDA bench, e.g. criterion's `bench-NAME --bench 'cuda'`, its numbers kept in $logs.
+# The engine bench's CUDA groups: sd-turbo (512², 1 step) and sdxl-turbo (512², 4 steps) at
+# real size, random weights unless real ones are in the HF cache; images/s per batch size.
 hook_bench() {
-    local b=""
-    for b in "$work"/bin/bench-*; do break; done
+    local b="$work/bin/bench-engine"
     if [[ ! -x "$b" ]]; then
-        record bench skip 0 "no bench-* executable packed (TODO: lead)"
+        record bench FAIL 0 "no bench-engine executable packed"
         return
     fi
-    record bench skip 0 "$(basename "$b") packed; hook not written yet (TODO: lead)"
+    local start=$SECONDS log="$logs/bench.log"
+    # criterion: `--bench` runs benchmarks, the positional filter keeps the CUDA groups only.
+    timeout "$step_timeout" "$b" --bench --noplot cuda_generate 2>&1 | tee "$log"
+    local rc=${PIPESTATUS[0]}
+    # One "name  thrpt: [lo mid hi]" line per case, for the table and BENCHMARKS.md.
+    awk '/^[a-z0-9_-]+cuda_generate/ {name=$1} /thrpt:/ {print name, $3, $4}' "$log" \
+        >"$logs/bench-thrpt.txt"
+    local cases
+    cases="$(awk '{printf "%s %s %s; ", $1, $2, $3}' "$logs/bench-thrpt.txt")"
+    if ((rc == 0)); then
+        record bench ok $((SECONDS - start)) "${cases:-no throughput lines (see bench.log)}"
+    else
+        record bench FAIL $((SECONDS - start)) "exit $rc; ${cases}"
+    fi
 }
 
-# `popcon-worker generate` on real-size random weights (SD 1.5-sized UNet/VAE/CLIP, random
-# values): time per step and per image, peak GPU memory, and an RGBA file in $logs.
+# `popcon-worker generate` on the GPU with the tiny model (carried in models/): the CLI path end
+# to end in f16, a batch of 4, per-stage timings, and the PNGs kept in $logs/generate.
 hook_generate() {
-    if [[ ! -x "$work/bin/bin-popcon-worker" ]]; then
-        record generate skip 0 "no bin-popcon-worker packed (TODO: lead)"
+    local b="$work/bin/bin-popcon-worker"
+    if [[ ! -x "$b" ]]; then
+        record generate FAIL 0 "no bin-popcon-worker packed"
         return
     fi
-    record generate skip 0 "bin-popcon-worker packed; hook not written yet (TODO: lead)"
+    local start=$SECONDS log="$logs/generate.log" out="$logs/generate"
+    POPCON_MODELS_DIR="$repo/models" timeout "$step_timeout" "$b" generate --model tiny \
+        --device cuda --prompt "a red fox, sticker" --seed 10 --batch 4 --alpha-key \
+        --out "$out" 2>&1 | tee "$log"
+    local rc=${PIPESTATUS[0]} pngs
+    pngs="$(find "$out" -name '*.png' 2>/dev/null | wc -l)"
+    local total
+    total="$(awk '$1 == "total" {print $2 " ms"}' "$log")"
+    if ((rc == 0 && pngs == 4)); then
+        record generate ok $((SECONDS - start)) "tiny on cuda, batch 4: $pngs PNGs, total ${total:-?}"
+    else
+        record generate FAIL $((SECONDS - start)) "exit $rc, $pngs PNGs (see generate.log)"
+    fi
 }
 
-say "bench (hook)"
+say "bench"
 hook_bench
-say "generate (hook)"
+say "generate"
 hook_generate
 
 # --- table ------------------------------------------------------------------------------------
