@@ -16,11 +16,24 @@
 //!
 //! - [`job`]: ids, actions, statuses and the queue message (`RawMessage` → `ValidJob`).
 //!
-//! Queue, store, worker, enqueue and HTTP modules arrive with the daemon and API issues.
+//! - [`queue`]: Redis streams, leases, reclaim, dead letters, run-once keys, off-hours.
+//! - [`store`]: the job database (SQLite or Postgres), fenced writes.
+//! - [`blobs`]: result images (a local directory; object storage later).
+//! - [`config`]: the daemon's settings from flags and the environment.
+//! - [`worker`]: the daemon loop, the engine thread, metrics, shutdown.
+//! - [`enqueue`]: the bare submit path (create the job, add the stream entry).
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
+//!
+//! The enqueue API with credits arrives with its own issue.
 
+pub mod blobs;
+pub mod config;
 pub mod engine;
+pub mod enqueue;
+pub mod http;
 pub mod job;
 pub mod kernels;
 pub mod pipeline;
 pub mod queue;
 pub mod store;
+pub mod worker;

@@ -17,6 +17,8 @@ use popcon_worker::engine::{
 use popcon_worker::kernels::AlphaKey;
 use popcon_worker::pipeline::post::{self, ImageLimits};
 
+mod ops;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "popcon-worker",
@@ -48,6 +50,28 @@ enum Command {
     Models {
         #[command(subcommand)]
         command: ModelsCommand,
+    },
+    /// Run the worker daemon until SIGTERM/SIGINT.
+    Run(Box<popcon_worker::config::RunArgs>),
+    /// Submit work (the bare path: no credits yet).
+    Enqueue {
+        #[command(subcommand)]
+        command: ops::EnqueueCommand,
+    },
+    /// The off-hours flag: costly work is not claimed while it is on (TTL at most 20 h).
+    OffHours {
+        #[command(subcommand)]
+        command: ops::OffHoursCommand,
+    },
+    /// Inspect jobs.
+    Job {
+        #[command(subcommand)]
+        command: ops::JobCommand,
+    },
+    /// Dead letters: list and requeue.
+    Dead {
+        #[command(subcommand)]
+        command: ops::DeadCommand,
     },
 }
 
@@ -137,6 +161,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate(&models_dir, *args),
         Command::Models { command } => models(&models_dir, command),
+        Command::Run(args) => ops::run_daemon(args.into_config(models_dir.clone())),
+        Command::Enqueue { command } => ops::enqueue(command),
+        Command::OffHours { command } => ops::off_hours(command),
+        Command::Job { command } => ops::job(command),
+        Command::Dead { command } => ops::dead(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

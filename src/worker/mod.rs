@@ -1,0 +1,998 @@
+//! The daemon loop: claim → gates → run-once guard → pipeline → write → ack; and shutdown.
+//!
+//! # Gates, in order, before any GPU work
+//!
+//! 1. **Validation** ([`ValidJob::from_field`]): a message that does not validate is
+//!    dead-lettered at once with the reason; the loop keeps going.
+//! 2. **Off-hours**: inside the queue's claim script — a costly entry is never handed out while
+//!    the flag exists, so the worker simply claims with `allow_costly = true`.
+//! 3. **Run-once key** ([`Queue::acquire_run`]): another delivery of the same action (same job,
+//!    action, idx) is being worked on right now, here or elsewhere. The duplicate is *not*
+//!    acked blindly: the key does not carry the fence, so the holder may be running an older
+//!    fence whose write will be superseded, and acking a newer message would lose it. Instead
+//!    the database decides: a message whose fence is stale, or whose rows already settled, is
+//!    acked (`superseded`); otherwise it is left pending with [`Queue::retry_after`] one lease
+//!    out, and its next delivery meets the fence/status gates after the holder finished — at
+//!    which point it is acked without GPU work (or runs, if the holder's work was superseded).
+//! 4. **Fence** ([`Store::start_emoji`]): a row carrying a newer fence → `superseded`, acked.
+//! 5. **Status**: a row already past `running` for this fence → acked as already handled.
+//!
+//! # Seeds
+//!
+//! Emoji `i` of a set uses `job.seed + i` (as the engine's batch convention and the store's
+//! docs say), so a retry of a failed emoji reproduces the image the set would have had, and a
+//! redelivery after a crash writes the same pixels. A regenerate must differ from what it
+//! replaces yet stay reproducible for its own redeliveries: it mixes seed, idx and the fence
+//! ([`regenerate_seed`]). The pose uses its own mix of the job seed ([`pose_seed`]).
+//!
+//! # Shutdown
+//!
+//! The shutdown signal stops claiming at once (a blocked claim wait is dropped; should the drop
+//! land inside the claim script, the entry is found in our pending list and released). The
+//! jobs in flight (one in the engine, up to `engine.prefetch` claimed ahead) get
+//! `shutdown.grace` to finish; past it, a generation is cancelled at its next diffusion step
+//! and its entry is [`Queue::release`]d (idle time pushed past the lease, delivery count put
+//! back) so any other worker's next reclaim takes it at once. Rows it started stay `running`
+//! under the same fence, which `start_emoji` accepts from the next worker; nothing was
+//! written, so nothing is charged twice.
+//!
+//! # Lost leases
+//!
+//! A lost lease stops the job only when another worker now owns the entry or holds the run-once
+//! key. When nobody does (Redis restarted without its data), the job finishes: stopping would
+//! strand its rows `running` with no entry left to redeliver, and the fenced writes make
+//! finishing safe.
+
+pub mod engine_actor;
+pub mod metrics;
+pub mod shutdown;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tracing::Instrument;
+
+use crate::blobs::{self, BlobError, Blobs};
+use crate::config::WorkerConfig;
+use crate::engine::preset::PresetRegistry;
+use crate::engine::weights::ModelFiles;
+use crate::engine::{Engine, EngineOptions, GenerateRequest, InitImage, Progress, Stage};
+use crate::job::{Action, ValidJob};
+use crate::kernels::AlphaKey;
+use crate::pipeline::post::{self, ImageError, ImageLimits};
+use crate::pipeline::prompt::{self, PromptError};
+use crate::queue::{DeadLetterOutcome, Delivery, Lease, OwnedOutcome, Queue, QueueError, RunGuard};
+use crate::store::{
+    EmojiOutcome, JobRecord, StartOutcome, Store, StoreError, StoreOptions, Thumbnail, WriteOutcome,
+};
+use engine_actor::{ActorError, EngineHandle, Rendered, RunControl};
+use metrics::{Metrics, inc};
+pub use shutdown::{Shutdown, ShutdownTrigger, shutdown_channel};
+
+/// Everything that can fail a job or the daemon, each retryable or permanent.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Engine(#[from] ActorError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error("bad prompt input: {0}")]
+    Prompt(#[from] PromptError),
+    #[error("image: {0}")]
+    Image(#[from] ImageError),
+    #[error("job `{0}` does not exist")]
+    JobMissing(String),
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+impl WorkerError {
+    /// Whether the same work may succeed later: each layer decides for its own errors.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            WorkerError::Engine(e) => e.is_retryable(),
+            WorkerError::Store(e) => e.is_retryable(),
+            WorkerError::Queue(e) => e.is_retryable(),
+            WorkerError::Blob(e) => e.is_retryable(),
+            WorkerError::Prompt(_)
+            | WorkerError::Image(_)
+            | WorkerError::JobMissing(_)
+            | WorkerError::Config(_) => false,
+        }
+    }
+}
+
+/// The claimed entry a job runs under, with its lease and run-once key.
+struct Claim<'a> {
+    delivery: &'a Delivery,
+    lease: &'a Lease,
+    guard: &'a RunGuard,
+}
+
+/// Why a job stopped before finishing.
+#[derive(Debug)]
+enum Stop {
+    /// The grace period ran out during shutdown: release the entry.
+    Shutdown,
+    /// Another worker owns the entry now (or the run-once key was lost): touch nothing.
+    LeaseLost(String),
+    /// `{p}cancel:{job_id}` was set: fail the rows, ack.
+    Cancelled,
+    Failed(WorkerError),
+}
+
+impl<E: Into<WorkerError>> From<E> for Stop {
+    fn from(e: E) -> Self {
+        Stop::Failed(e.into())
+    }
+}
+
+/// How a job ended when it did not stop early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Finished {
+    /// Work done and written.
+    Done,
+    /// Every row had a newer fence: stale message, no GPU.
+    Superseded,
+    /// Nothing to do (rows already settled for this fence).
+    AlreadyHandled,
+}
+
+/// Seed of emoji `idx` for `generate_set` and `retry`.
+pub fn emoji_seed(job_seed: u64, idx: u32) -> u64 {
+    job_seed.wrapping_add(u64::from(idx))
+}
+
+/// Seed of emoji `idx` regenerated under `fence`: new per fence, the same for redeliveries.
+pub fn regenerate_seed(job_seed: u64, idx: u32, fence: u64) -> u64 {
+    mix(emoji_seed(job_seed, idx) ^ mix(fence.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+}
+
+/// Seed of a set's pose image.
+pub fn pose_seed(job_seed: u64) -> u64 {
+    mix(job_seed ^ 0x706F_7365) // "pose"
+}
+
+/// splitmix64's finalizer: a bijection that spreads nearby inputs far apart.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The daemon: connected, model loaded, ready to [`Worker::run`].
+pub struct Worker {
+    cfg: WorkerConfig,
+    queue: Queue,
+    store: Store,
+    blobs: Blobs,
+    engine: EngineHandle,
+    metrics: Arc<Metrics>,
+    /// Entry ids this process has handed to a job task.
+    handled: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("queue", &self.queue)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Loads the configured model on a new engine thread.
+pub async fn spawn_engine(cfg: &WorkerConfig) -> Result<EngineHandle, WorkerError> {
+    let e = cfg.engine.clone();
+    let registry = PresetRegistry::load(&e.models_dir).map_err(ActorError::from)?;
+    let preset = registry.get(&e.model).map_err(ActorError::from)?.clone();
+    let files = ModelFiles::locate(&preset, &e.models_dir, e.model_dir.as_deref())
+        .map_err(ActorError::from)?;
+    let started = Instant::now();
+    let handle = EngineHandle::spawn(move || {
+        Engine::load(
+            &preset,
+            &files,
+            &EngineOptions {
+                device: e.device,
+                dtype: None,
+            },
+        )
+    })
+    .await?;
+    tracing::info!(model = %handle.preset().name, took = ?started.elapsed(), "model loaded");
+    Ok(handle)
+}
+
+impl Worker {
+    /// Start-up: database (with migrations), Redis (with backoff; groups created), server
+    /// checks (logged loudly), and the model, loaded once.
+    pub async fn start(cfg: WorkerConfig) -> Result<Worker, WorkerError> {
+        let engine = spawn_engine(&cfg).await?;
+        Self::start_with_engine(cfg, engine).await
+    }
+
+    /// [`Worker::start`] with an engine that is already loaded (tests share one between
+    /// several in-process workers).
+    pub async fn start_with_engine(
+        cfg: WorkerConfig,
+        engine: EngineHandle,
+    ) -> Result<Worker, WorkerError> {
+        let store = Store::connect_with(&cfg.store.url, StoreOptions::default()).await?;
+        let blobs = Blobs::open(&cfg.blobs)?;
+        let queue = Queue::connect(cfg.queue.clone()).await?;
+        match queue.check_server().await {
+            Ok(warnings) => {
+                for w in warnings {
+                    tracing::warn!(warning = %w, "REDIS PUTS QUEUED WORK AT RISK");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not check the redis configuration"),
+        }
+        Ok(Worker {
+            cfg,
+            queue,
+            store,
+            blobs,
+            engine,
+            metrics: Arc::new(Metrics::default()),
+            handled: Default::default(),
+        })
+    }
+
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn engine(&self) -> &EngineHandle {
+        &self.engine
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// The Prometheus text for `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        let s = self.engine.stats();
+        self.metrics.render(
+            Duration::from_micros(s.busy_micros.load(Ordering::Relaxed)),
+            s.calls.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Whether Redis and the database answer (the model is loaded by construction).
+    pub async fn ready(&self) -> Result<(), WorkerError> {
+        // A plain PING: readiness probes must not write (the off-hours status call may).
+        self.queue.query_idem::<String>(&redis::cmd("PING")).await?;
+        self.store.ping().await?;
+        Ok(())
+    }
+
+    /// The loop, until `shutdown` fires. Returns after the jobs in flight finished or were
+    /// released.
+    ///
+    /// Up to `1 + engine.prefetch` jobs are in flight: while one is in the engine, the next is
+    /// already claimed, gated and waiting in the engine's channel, and the previous one's
+    /// uploads and database writes run beside it, so the engine is never idle waiting for
+    /// I/O. The engine thread itself still runs one generation at a time.
+    pub async fn run(self: &Arc<Self>, shutdown: Shutdown) -> Result<(), WorkerError> {
+        tracing::info!(consumer = %self.queue.config().consumer, "worker running");
+        let slots = 1 + self.cfg.engine.prefetch;
+        let mut inflight = tokio::task::JoinSet::new();
+        // Our own pending entries first: a restart of this consumer resumes its work.
+        match self.queue.own_pending(100, true).await {
+            Ok(taken) => {
+                for d in taken.deleted {
+                    tracing::warn!(lane = d.lane.as_str(), id = %d.id, "pending entry was deleted from its stream");
+                }
+                for d in taken.deliveries {
+                    while inflight.len() >= slots {
+                        inflight.join_next().await;
+                    }
+                    self.spawn_job(&mut inflight, d, &shutdown);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not re-read own pending entries"),
+        }
+        let mut last_reclaim: Option<Instant> = None;
+        let mut backoff = Duration::from_millis(100);
+        let mut claim_interrupted = false;
+        while !shutdown.is_triggered() {
+            // A free slot first: claiming more than we can start would only age entries.
+            if inflight.len() >= slots {
+                tokio::select! {
+                    _ = inflight.join_next() => {}
+                    _ = shutdown.wait() => break,
+                }
+                continue;
+            }
+            if last_reclaim.is_none_or(|t| t.elapsed() >= self.cfg.retry.reclaim_every) {
+                last_reclaim = Some(Instant::now());
+                self.reclaim(&mut inflight, slots, &shutdown).await;
+                match self.queue.depth().await {
+                    Ok(depth) => self.metrics.set_depth(depth),
+                    Err(e) => tracing::debug!(error = %e, "queue depth not read"),
+                }
+                if inflight.len() >= slots {
+                    continue;
+                }
+            }
+            let claimed = tokio::select! {
+                r = self.queue.claim_next(true) => r,
+                _ = shutdown.wait() => {
+                    claim_interrupted = true;
+                    break;
+                }
+            };
+            match claimed {
+                Ok(Some(d)) => {
+                    backoff = Duration::from_millis(100);
+                    self.spawn_job(&mut inflight, d, &shutdown);
+                }
+                Ok(None) => backoff = Duration::from_millis(100),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "claiming failed");
+                    if e.is_no_group() {
+                        let _ = self.queue.ensure_groups().await;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.wait() => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        // The jobs in flight see the same signal: each finishes within the grace or is
+        // cancelled and released.
+        while let Some(r) = inflight.join_next().await {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "a job task ended abnormally");
+            }
+        }
+        // A claim dropped mid-flight may have left an entry in our pending list: hand it
+        // back now rather than after a lease.
+        if claim_interrupted && let Ok(taken) = self.queue.own_pending(100, true).await {
+            for d in taken.deliveries {
+                // Entries this run already handled decided their own fate (acked, released,
+                // or left pending on purpose for a retry or after a duplicate).
+                if !self.seen(&d.id) {
+                    self.release(&d).await;
+                }
+            }
+        }
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+
+    fn seen(&self, id: &str) -> bool {
+        self.handled.lock().map(|s| s.contains(id)).unwrap_or(true)
+    }
+
+    fn spawn_job(
+        self: &Arc<Self>,
+        inflight: &mut tokio::task::JoinSet<()>,
+        d: Delivery,
+        shutdown: &Shutdown,
+    ) {
+        if let Ok(mut seen) = self.handled.lock() {
+            // Bounded: only the ids of one run's recent deliveries matter for the final sweep.
+            if seen.len() > 10_000 {
+                seen.clear();
+            }
+            seen.insert(d.id.clone());
+        }
+        let worker = self.clone();
+        let shutdown = shutdown.clone();
+        inflight.spawn(async move { worker.handle_or_release(d, &shutdown).await });
+    }
+
+    async fn reclaim(
+        self: &Arc<Self>,
+        inflight: &mut tokio::task::JoinSet<()>,
+        slots: usize,
+        shutdown: &Shutdown,
+    ) {
+        let free = slots.saturating_sub(inflight.len()).max(1);
+        match self.queue.reclaim_idle(free, true).await {
+            Ok(taken) => {
+                for d in taken.deleted {
+                    tracing::warn!(lane = d.lane.as_str(), id = %d.id, "pending entry was deleted from its stream");
+                }
+                for d in taken.deliveries {
+                    inc(&self.metrics.reclaimed);
+                    tracing::info!(id = %d.id, deliveries = d.delivery_count, "reclaimed an idle entry");
+                    while inflight.len() >= slots {
+                        inflight.join_next().await;
+                    }
+                    self.spawn_job(inflight, d, shutdown);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reclaiming idle entries failed"),
+        }
+    }
+
+    async fn handle_or_release(&self, d: Delivery, shutdown: &Shutdown) {
+        if shutdown.is_triggered() {
+            self.release(&d).await;
+        } else {
+            self.handle(d, shutdown).await;
+        }
+    }
+
+    async fn release(&self, d: &Delivery) {
+        match self.queue.release(d).await {
+            Ok(OwnedOutcome::Done) => {
+                inc(&self.metrics.released);
+                tracing::info!(id = %d.id, "released to another worker");
+            }
+            Ok(other) => tracing::info!(id = %d.id, outcome = ?other, "nothing to release"),
+            Err(e) => {
+                tracing::warn!(id = %d.id, error = %e, "release failed; the entry will be reclaimed after the lease")
+            }
+        }
+    }
+
+    /// One delivery, through every gate.
+    async fn handle(&self, d: Delivery, shutdown: &Shutdown) {
+        inc(&self.metrics.claimed);
+        let job = match d.job() {
+            Ok(job) => job,
+            Err(e) => {
+                tracing::warn!(id = %d.id, reason = %e, "invalid message");
+                self.dead_letter(&d, &e.to_string(), None).await;
+                return;
+            }
+        };
+        let span = tracing::info_span!("job", job_id = %job.job_id, action = %job.action, idx = ?job.idx, fence = job.fence, entry = %d.id);
+        self.handle_job(d, job, shutdown).instrument(span).await
+    }
+
+    async fn handle_job(&self, d: Delivery, job: ValidJob, shutdown: &Shutdown) {
+        let guard = match self.queue.acquire_run(&job).await {
+            Ok(Some(g)) => g,
+            Ok(None) => return self.defer_duplicate(&d, &job).await,
+            Err(e) => return self.failed(&d, &job, e.into()).await,
+        };
+        let lease = self.queue.start_lease(&d, Some(guard.clone()));
+        if self.queue.exhausted(&d) && self.is_stale(&job).await {
+            // A deferred duplicate can run out of deliveries while the owner works; once the
+            // owner is done it is simply stale, not a failure.
+            lease.stop();
+            self.ack(&d).await;
+            inc(&self.metrics.superseded);
+            tracing::info!("out of deliveries but already handled; acked");
+        } else if self.queue.exhausted(&d) {
+            let reason = format!(
+                "gave up after {} deliveries (the worker kept stopping mid-job)",
+                d.delivery_count
+            );
+            self.dead_letter(&d, &reason, Some(&job)).await;
+        } else {
+            let started = Instant::now();
+            let claim = Claim {
+                delivery: &d,
+                lease: &lease,
+                guard: &guard,
+            };
+            let outcome = self.execute(&job, &claim, shutdown).await;
+            lease.stop();
+            match outcome {
+                Ok(Finished::Done) => {
+                    self.ack(&d).await;
+                    inc(&self.metrics.succeeded);
+                    tracing::info!(took = ?started.elapsed(), "job done");
+                }
+                Ok(Finished::Superseded) => {
+                    self.ack(&d).await;
+                    inc(&self.metrics.superseded);
+                    tracing::info!("superseded by a newer fence; acked without GPU work");
+                }
+                Ok(Finished::AlreadyHandled) => {
+                    self.ack(&d).await;
+                    tracing::info!("already handled for this fence; acked");
+                }
+                Err(Stop::Shutdown) => self.release(&d).await,
+                Err(Stop::LeaseLost(why)) => {
+                    tracing::warn!(%why, "lease lost; leaving the entry to its new owner")
+                }
+                Err(Stop::Cancelled) => {
+                    self.mark_failed(&job, "cancelled on request").await;
+                    let _ = self.queue.clear_cancel(&job.job_id).await;
+                    self.ack(&d).await;
+                    tracing::info!("cancelled on request");
+                }
+                Err(Stop::Failed(e)) => self.failed(&d, &job, e).await,
+            }
+        }
+        if let Err(e) = guard.release().await {
+            tracing::warn!(error = %e, "could not release the run-once key; it expires after the lease");
+        }
+    }
+
+    /// The run-once key is held elsewhere: see the module header.
+    async fn defer_duplicate(&self, d: &Delivery, job: &ValidJob) {
+        inc(&self.metrics.duplicates);
+        if self.is_stale(job).await {
+            self.ack(d).await;
+            inc(&self.metrics.superseded);
+            tracing::info!("duplicate of settled or stale work; acked without GPU work");
+            return;
+        }
+        let delay = self.queue.config().lease;
+        match self.queue.retry_after(d, delay).await {
+            Ok(_) => tracing::info!(
+                retry_in = ?delay,
+                "the same action is running elsewhere; left pending for after it"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not defer a duplicate"),
+        }
+    }
+
+    /// Whether the database says this message has nothing left to do: every row it names
+    /// carries another fence, or (for diffusion) has settled. Unknown (a read error, a missing
+    /// job) counts as not stale, so the normal gates decide.
+    async fn is_stale(&self, job: &ValidJob) -> bool {
+        match self.store.get_job(&job.job_id).await {
+            Ok(Some(rec)) => rec
+                .emoji
+                .iter()
+                .filter(|e| job.idx.is_none_or(|i| i == e.idx))
+                .all(|e| e.fence != job.fence || (job.action.is_costly() && e.status.is_settled())),
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the job to judge staleness");
+                false
+            }
+        }
+    }
+
+    async fn ack(&self, d: &Delivery) {
+        if let Err(e) = self.queue.ack(d).await {
+            // The writes are fenced, so a redelivery of this entry is harmless.
+            tracing::warn!(id = %d.id, error = %e, "ack failed; a redelivery will be superseded");
+        }
+    }
+
+    /// A failed attempt: retry with backoff while retryable and deliveries remain, else
+    /// dead-letter and fail the rows.
+    async fn failed(&self, d: &Delivery, job: &ValidJob, err: WorkerError) {
+        inc(&self.metrics.failed);
+        let max = u64::from(self.queue.config().max_deliveries);
+        if err.is_retryable() && d.delivery_count < max {
+            let exp = d.delivery_count.saturating_sub(1).min(16) as u32;
+            let delay = (self.cfg.retry.base * 2u32.pow(exp)).min(self.cfg.retry.max);
+            tracing::warn!(error = %err, retry_in = ?delay, deliveries = d.delivery_count, "attempt failed; will retry");
+            if let Err(e) = self.queue.retry_after(d, delay).await {
+                tracing::warn!(error = %e, "could not schedule the retry; the entry will be reclaimed after the lease");
+            }
+            return;
+        }
+        let reason = if err.is_retryable() {
+            format!("gave up after {} deliveries: {err}", d.delivery_count)
+        } else {
+            err.to_string()
+        };
+        tracing::error!(%reason, "job failed permanently");
+        self.dead_letter(d, &reason, Some(job)).await;
+    }
+
+    /// Marks the rows failed (fenced, so a newer message's rows are untouched), then moves the
+    /// entry to the dead-letter stream. Rows first: if Redis is down the entry is redelivered
+    /// and finds the rows settled; the other order could leave rows `running` for ever.
+    async fn dead_letter(&self, d: &Delivery, reason: &str, job: Option<&ValidJob>) {
+        if let Some(job) = job {
+            self.mark_failed(job, reason).await;
+        }
+        match self.queue.dead_letter(d, reason).await {
+            Ok(DeadLetterOutcome::DeadLettered(_)) => inc(&self.metrics.dead_lettered),
+            Ok(other) => tracing::info!(outcome = ?other, "dead letter not written"),
+            Err(e) => tracing::error!(error = %e, "dead-lettering failed; the entry stays pending"),
+        }
+    }
+
+    async fn mark_failed(&self, job: &ValidJob, reason: &str) {
+        if !job.action.is_costly() {
+            return; // approve failures leave the row as it was (done)
+        }
+        let r = match job.idx {
+            Some(idx) => self
+                .store
+                .fail_emoji(&job.job_id, idx, job.fence, reason)
+                .await
+                .map(|_| ()),
+            None => self
+                .store
+                .fail_unsettled(&job.job_id, job.fence, reason)
+                .await
+                .map(|_| ()),
+        };
+        if let Err(e) = r {
+            tracing::error!(error = %e, "could not mark the rows failed");
+        }
+    }
+
+    async fn execute(
+        &self,
+        job: &ValidJob,
+        claim: &Claim<'_>,
+        shutdown: &Shutdown,
+    ) -> Result<Finished, Stop> {
+        match job.action {
+            Action::Approve => {
+                let idx = job.idx.unwrap_or(0);
+                Ok(
+                    match self
+                        .store
+                        .approve_emoji(&job.job_id, idx, job.fence)
+                        .await?
+                    {
+                        WriteOutcome::Written { .. } => Finished::Done,
+                        WriteOutcome::Superseded { .. } => Finished::Superseded,
+                        WriteOutcome::WrongState(_) => Finished::AlreadyHandled,
+                        WriteOutcome::Missing => {
+                            return Err(WorkerError::JobMissing(job.job_id.clone()).into());
+                        }
+                    },
+                )
+            }
+            Action::ApproveAll => match self.store.approve_all(&job.job_id).await? {
+                Some(_) => Ok(Finished::Done),
+                None => Err(WorkerError::JobMissing(job.job_id.clone()).into()),
+            },
+            Action::GenerateSet | Action::Retry | Action::Regenerate => {
+                self.diffuse(job, claim, shutdown).await
+            }
+        }
+    }
+
+    /// Pose (if needed) and the emoji of the message, as one batch.
+    async fn diffuse(
+        &self,
+        job: &ValidJob,
+        claim: &Claim<'_>,
+        shutdown: &Shutdown,
+    ) -> Result<Finished, Stop> {
+        let rec = self
+            .store
+            .get_job(&job.job_id)
+            .await?
+            .ok_or_else(|| WorkerError::JobMissing(job.job_id.clone()))?;
+        let wanted: Vec<u32> = match job.idx {
+            Some(i) => vec![i],
+            None => rec.emoji.iter().map(|e| e.idx).collect(),
+        };
+        let mut started = Vec::new();
+        let mut superseded = 0;
+        for idx in wanted {
+            match self.store.start_emoji(&job.job_id, idx, job.fence).await? {
+                StartOutcome::Started { .. } => started.push(idx),
+                StartOutcome::Superseded { .. } => superseded += 1,
+                StartOutcome::WrongState(s) => {
+                    tracing::debug!(idx, status = s.as_str(), "row already past running")
+                }
+                StartOutcome::Missing => {
+                    return Err(
+                        WorkerError::JobMissing(format!("{} emoji {idx}", job.job_id)).into(),
+                    );
+                }
+            }
+        }
+        if started.is_empty() {
+            return Ok(if superseded > 0 {
+                Finished::Superseded
+            } else {
+                Finished::AlreadyHandled
+            });
+        }
+
+        let pose = self.pose_image(&rec, job, claim, shutdown).await?;
+        let preset = self.engine.preset();
+        let mut prompts = Vec::with_capacity(started.len());
+        let mut seeds = Vec::with_capacity(started.len());
+        for &idx in &started {
+            let label = rec
+                .emoji
+                .iter()
+                .find(|e| e.idx == idx)
+                .map(|e| e.label.as_str())
+                .unwrap_or_default();
+            let p = prompt::emoji_prompt(&rec.subject, label, rec.style.as_deref().unwrap_or(""))?;
+            prompts.push(p.prompt);
+            seeds.push(match job.action {
+                Action::Regenerate => regenerate_seed(rec.seed, idx, job.fence),
+                _ => emoji_seed(rec.seed, idx),
+            });
+        }
+        let mut req = GenerateRequest::new(preset, prompts, 0);
+        req.seeds = seeds.clone();
+        req.negative_prompt = prompt::EMOJI_NEGATIVE.to_string();
+        if let Some(steps) = self.cfg.engine.steps {
+            req.steps = steps;
+        }
+        req.init = Some(InitImage {
+            image: pose,
+            strength: self.cfg.engine.strength.unwrap_or(preset.defaults.strength),
+        });
+        req.alpha_key = AlphaKey::default();
+        let progress_slots: Vec<Option<u32>> = started.iter().map(|&i| Some(i)).collect();
+        let rendered = self
+            .render(req, &job.job_id, &progress_slots, "emoji", claim, shutdown)
+            .await?;
+
+        for ((idx, seed), mut img) in started.iter().copied().zip(seeds).zip(rendered.images) {
+            post::restore_enclosed(&mut img);
+            let upload = Instant::now();
+            let image_key = blobs::keys::emoji(&job.job_id, idx, job.fence);
+            self.blobs.put(&image_key, post::encode_png(&img)?).await?;
+            let thumb_key = blobs::keys::thumb(&job.job_id, idx, job.fence);
+            let thumb = post::thumbnail(&img, post::THUMBNAIL_SIZE);
+            self.blobs
+                .put(&thumb_key, post::encode_png(&thumb)?)
+                .await?;
+            self.metrics.observe("upload", upload.elapsed());
+            let write = Instant::now();
+            let outcome = EmojiOutcome {
+                job_id: job.job_id.clone(),
+                idx,
+                fence: job.fence,
+                image_key,
+                seed,
+                thumbnail: (idx == 0)
+                    .then(|| {
+                        self.blobs.url_for(&thumb_key).map(|path| Thumbnail {
+                            path,
+                            key: thumb_key.clone(),
+                        })
+                    })
+                    .transpose()?,
+            };
+            match self.store.finish_emoji(&outcome).await? {
+                WriteOutcome::Written { settled } => {
+                    if let Some(s) = settled {
+                        tracing::info!(status = s.as_str(), "job settled");
+                    }
+                }
+                other => {
+                    tracing::info!(idx, outcome = ?other, "result not written (row moved on)")
+                }
+            }
+            self.metrics.observe("db_write", write.elapsed());
+        }
+        Ok(Finished::Done)
+    }
+
+    /// The set's pose image: the stored one when there is one, else generated (img2img from
+    /// the reference when the job has one) and stored with its key on the job.
+    async fn pose_image(
+        &self,
+        rec: &JobRecord,
+        job: &ValidJob,
+        claim: &Claim<'_>,
+        shutdown: &Shutdown,
+    ) -> Result<image::RgbImage, Stop> {
+        if let Some(key) = rec.pose_key.as_deref() {
+            match self.blobs.get(key).await {
+                Ok(bytes) => return Ok(post::decode_image(&bytes, ImageLimits::default())?),
+                Err(BlobError::NotFound(_)) => {
+                    tracing::warn!(%key, "pose image missing; generating it again")
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let preset = self.engine.preset();
+        let mut req = GenerateRequest::new(
+            preset,
+            vec![prompt::pose_prompt(&rec.subject)?],
+            pose_seed(rec.seed),
+        );
+        if let Some(steps) = self.cfg.engine.steps {
+            req.steps = steps;
+        }
+        if let Some(key) = rec.reference_key.as_deref() {
+            let bytes = self.blobs.get(key).await?;
+            req.init = Some(InitImage {
+                image: post::decode_image(&bytes, ImageLimits::default())?,
+                strength: preset.defaults.strength,
+            });
+        }
+        let rendered = self
+            .render(req, &job.job_id, &[None], "pose", claim, shutdown)
+            .await?;
+        let img = rendered
+            .images
+            .into_iter()
+            .next()
+            .ok_or_else(|| WorkerError::Config("the engine returned no pose image".into()))?;
+        let key = blobs::keys::pose(&job.job_id, job.fence);
+        self.blobs.put(&key, post::encode_png(&img)?).await?;
+        self.store.set_pose_key(&job.job_id, &key).await?;
+        Ok(image::DynamicImage::ImageRgba8(img).to_rgb8())
+    }
+
+    /// One engine call, with progress written to Redis, cancellation polled, the lease
+    /// watched and the shutdown grace enforced.
+    async fn render(
+        &self,
+        req: GenerateRequest,
+        job_id: &str,
+        slots: &[Option<u32>],
+        what: &str,
+        claim: &Claim<'_>,
+        shutdown: &Shutdown,
+    ) -> Result<Rendered, Stop> {
+        let (control, mut progress) = RunControl::new();
+        let cancel = control.cancel.clone();
+        let fut = self.engine.generate(req, control);
+        tokio::pin!(fut);
+        let mut poll = tokio::time::interval(Duration::from_millis(250));
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stop: Option<Stop> = None;
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut progress_open = true;
+        let mut orphaned = false;
+        let result = loop {
+            tokio::select! {
+                r = &mut fut => break r,
+                changed = progress.changed(), if progress_open => {
+                    if changed.is_err() {
+                        progress_open = false;
+                        continue;
+                    }
+                    let p = *progress.borrow_and_update();
+                    if let Some(p) = p {
+                        self.write_progress(job_id, slots, what, p).await;
+                    }
+                }
+                _ = poll.tick(), if stop.is_none() => {
+                    if let Ok(true) = self.queue.is_cancelled(job_id).await {
+                        stop = Some(Stop::Cancelled);
+                        cancel.store(true, Ordering::Relaxed);
+                    }
+                }
+                why = claim.lease.lost(), if stop.is_none() && !orphaned => {
+                    if self.taken_over(claim).await {
+                        stop = Some(Stop::LeaseLost(why));
+                        cancel.store(true, Ordering::Relaxed);
+                    } else {
+                        // Nobody else has it (e.g. Redis restarted without its data): stopping
+                        // would strand the rows `running` with no entry left to redeliver.
+                        // Finishing is safe: the writes are fenced.
+                        tracing::warn!(%why, "lease lost but no other worker holds the job; finishing it");
+                        orphaned = true;
+                    }
+                }
+                _ = shutdown.wait(), if deadline.is_none() => {
+                    tracing::info!(grace = ?self.cfg.shutdown.grace, "shutting down; the job in flight may finish within the grace period");
+                    deadline = Some(tokio::time::Instant::now() + self.cfg.shutdown.grace);
+                }
+                _ = sleep_until(deadline), if deadline.is_some() && stop.is_none() => {
+                    tracing::warn!("grace period over; cancelling the job in flight");
+                    stop = Some(Stop::Shutdown);
+                    cancel.store(true, Ordering::Relaxed);
+                }
+            }
+        };
+        match result {
+            Ok(r) => {
+                let t = r.timings;
+                for (stage, d) in [
+                    ("text_encode", t.text_encode),
+                    ("vae_encode", t.vae_encode),
+                    ("denoise", t.denoise),
+                    ("vae_decode", t.vae_decode),
+                ] {
+                    self.metrics.observe(stage, d);
+                }
+                Ok(r)
+            }
+            Err(e) if e.is_cancelled() => Err(stop.unwrap_or(Stop::Cancelled)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// After a lost lease: whether another worker now owns the entry or holds the run-once
+    /// key (then it does the work, and we stop). When Redis cannot tell, assume it does: two
+    /// runs cost GPU time, but a stranded job costs the user the result.
+    async fn taken_over(&self, claim: &Claim<'_>) -> bool {
+        match self.queue.renew(claim.delivery).await {
+            Ok(OwnedOutcome::OwnedBy(owner)) => {
+                tracing::info!(%owner, "another worker owns the entry now");
+                return true;
+            }
+            // No group: Redis lost its data, so no other worker can hold the entry either.
+            Ok(_) => {}
+            Err(e) if e.is_no_group() => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check who owns the entry");
+                return true;
+            }
+        }
+        match self
+            .queue
+            .query_idem::<Option<String>>(redis::cmd("GET").arg(claim.guard.key()))
+            .await
+        {
+            Ok(Some(token)) => token != claim.guard.token(),
+            Ok(None) => false,
+            Err(_) => true,
+        }
+    }
+
+    async fn write_progress(&self, job_id: &str, slots: &[Option<u32>], what: &str, p: Progress) {
+        let stage = match p.stage {
+            Stage::TextEncode => "text_encode",
+            Stage::VaeEncode => "vae_encode",
+            Stage::Denoise => "denoise",
+            Stage::VaeDecode => "vae_decode",
+        };
+        let stage = format!("{what}:{stage}");
+        for &slot in slots {
+            if let Err(e) = self
+                .queue
+                .set_progress(job_id, slot, p.step as u32, p.total as u32, &stage)
+                .await
+            {
+                tracing::debug!(error = %e, "progress not written");
+                return;
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_follow_the_documented_derivation() {
+        assert_eq!(emoji_seed(42, 0), 42);
+        assert_eq!(emoji_seed(42, 3), 45);
+        assert_eq!(emoji_seed(u64::MAX, 1), 0, "wraps, never panics");
+        // A regenerate differs from the original and from every other fence, but is stable
+        // for redeliveries of the same message.
+        let r2 = regenerate_seed(42, 1, 2);
+        assert_eq!(r2, regenerate_seed(42, 1, 2));
+        assert_ne!(r2, emoji_seed(42, 1));
+        assert_ne!(r2, regenerate_seed(42, 1, 3));
+        assert_ne!(r2, regenerate_seed(42, 2, 2));
+        assert_ne!(pose_seed(42), emoji_seed(42, 0));
+    }
+
+    #[test]
+    fn errors_are_classified_by_their_layer() {
+        assert!(!WorkerError::JobMissing("j".into()).is_retryable());
+        assert!(!WorkerError::Prompt(PromptError::Empty { field: "subject" }).is_retryable());
+        assert!(
+            WorkerError::Blob(BlobError::Io {
+                path: "x".into(),
+                source: std::io::Error::other("disk full"),
+            })
+            .is_retryable()
+        );
+        assert!(!WorkerError::Engine(ActorError::Panicked("bug".into())).is_retryable());
+        assert!(
+            WorkerError::Engine(ActorError::Engine(crate::engine::EngineError::Device(
+                "out of memory".into()
+            )))
+            .is_retryable()
+        );
+        assert!(WorkerError::Store(StoreError::PoolTimeout).is_retryable());
+    }
+}

@@ -1,0 +1,245 @@
+//! The daemon and operator commands as an operator runs them: `run` (with a real SIGTERM),
+//! `enqueue generate-set`, `job show`, `off-hours`, `dead list` / `dead requeue`, and exit
+//! code 2 with one clear message for bad input.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::redis_server::RedisServer;
+
+struct Env {
+    redis: RedisServer,
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env {
+            redis: RedisServer::start(),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_popcon-worker"));
+        c.env(
+            "POPCON_MODELS_DIR",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("models"),
+        )
+        .env("RUST_LOG", "warn")
+        .env("REDIS_URL", self.redis.url())
+        .env(
+            "DATABASE_URL",
+            format!("sqlite://{}", self.dir.path().join("popcon.db").display()),
+        )
+        .env("POPCON_RESULTS", self.dir.path().join("results"));
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("the binary runs")
+    }
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn usage_error(out: &Output, want: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains(want), "`{stderr}` should contain `{want}`");
+}
+
+#[test]
+fn enqueue_run_show_and_sigterm_exits_zero() {
+    let env = Env::new();
+    let id = ok(&env.run(&[
+        "enqueue",
+        "generate-set",
+        "--subject",
+        "a red fox",
+        "--expressions",
+        "happy,sad",
+        "--seed",
+        "5",
+    ]))
+    .trim()
+    .to_string();
+    assert_eq!(id.len(), 32, "a job id: {id}");
+    let printed: serde_json::Value = serde_json::from_str(&ok(&env.run(&[
+        "enqueue",
+        "generate-set",
+        "--subject",
+        "a cat",
+        "--json",
+    ])))
+    .unwrap();
+    assert_eq!(printed["status"], "pending");
+    assert_eq!(
+        printed["emoji"].as_array().unwrap().len(),
+        8,
+        "the default eight"
+    );
+    let shown: serde_json::Value =
+        serde_json::from_str(&ok(&env.run(&["job", "show", &id, "--json"]))).unwrap();
+    assert_eq!(shown["status"], "pending");
+    assert_eq!(shown["emoji"].as_array().unwrap().len(), 2);
+    for col in [
+        "id",
+        "user_id",
+        "subject",
+        "seed",
+        "pose_key",
+        "thumbnail_path",
+        "thumbnail_key",
+        "created_at",
+    ] {
+        assert!(shown.get(col).is_some(), "column {col} in {shown}");
+    }
+
+    let mut daemon = env
+        .cmd()
+        .args(["run", "--model", "tiny", "--grace", "5s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let done = loop {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&env.run(&["job", "show", &id, "--json"]))).unwrap();
+        if v["status"] == "done" {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "job never finished: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(done["thumbnail_key"].is_string());
+    let text = ok(&env.run(&["job", "show", &id]));
+    assert!(
+        text.contains("thumbnail_key") && text.contains("emoji:"),
+        "{text}"
+    );
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = daemon.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "daemon did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[test]
+fn off_hours_on_status_off_with_the_ttl_capped_at_20h() {
+    let env = Env::new();
+    assert!(ok(&env.run(&["off-hours", "status"])).contains("off"));
+    let out = env.run(&["off-hours", "on", "--ttl", "30h"]);
+    assert!(ok(&out).contains("20h00m00s"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("capped"));
+    assert!(ok(&env.run(&["off-hours", "status"])).contains("expires in 19h59m"));
+    assert!(ok(&env.run(&["off-hours", "on", "--ttl", "1h"])).contains("1h00m00s"));
+    assert!(ok(&env.run(&["off-hours", "off"])).contains("off-hours off"));
+    assert_eq!(
+        ok(&env.run(&["off-hours", "status"])).trim(),
+        "off-hours off"
+    );
+    usage_error(&env.run(&["off-hours", "on", "--ttl", "0s"]), "positive");
+    usage_error(&env.run(&["off-hours", "on", "--ttl", "soon"]), "duration");
+}
+
+#[test]
+fn dead_letters_are_listed_and_requeued() {
+    let env = Env::new();
+    assert!(ok(&env.run(&["dead", "list"])).contains("no dead letters"));
+    // A poison message, dead-lettered by a short-lived daemon.
+    let mut c = redis::Client::open(env.redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg("popcon:jobs:bulk")
+        .arg("*")
+        .arg("job")
+        .arg("{not json")
+        .query(&mut c)
+        .unwrap();
+    let mut daemon = env
+        .cmd()
+        .args(["run", "--model", "tiny"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let listed = loop {
+        let out = ok(&env.run(&["dead", "list"]));
+        if out.contains("reason") {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "never dead-lettered");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status();
+    assert!(daemon.wait().unwrap().success());
+    assert!(listed.contains("not valid JSON"), "{listed}");
+    let dead_id = listed.split_whitespace().next().unwrap().to_string();
+    assert!(ok(&env.run(&["dead", "requeue", &dead_id])).contains("requeued"));
+    assert!(ok(&env.run(&["dead", "list"])).contains("no dead letters"));
+    usage_error(&env.run(&["dead", "requeue", "1-1"]), "no dead letter");
+}
+
+#[test]
+fn bad_operator_input_is_one_clear_message_and_exit_2() {
+    let env = Env::new();
+    usage_error(
+        &env.run(&["enqueue", "generate-set", "--subject", "  "]),
+        "subject is empty",
+    );
+    usage_error(
+        &env.run(&[
+            "enqueue",
+            "generate-set",
+            "--subject",
+            "fox",
+            "--image",
+            "/nonexistent.png",
+        ]),
+        "cannot read it",
+    );
+    usage_error(
+        &env.run(&[
+            "enqueue",
+            "generate-set",
+            "--subject",
+            "fox",
+            "--expressions",
+            "happy,,sad",
+        ]),
+        "empty expression",
+    );
+    usage_error(&env.run(&["job", "show", "nope"]), "no job `nope`");
+    usage_error(&env.run(&["run", "--grace", "forever"]), "duration");
+}
