@@ -1,12 +1,18 @@
-//! Daemon settings: one sub-struct per component, filled from flags and the environment.
+//! Daemon settings: one sub-struct per component, filled from flags, the environment and an
+//! optional TOML file.
 //!
-//! The clap argument structs live here (not in `main.rs`) so that the mapping from flags and
-//! env vars (`REDIS_URL`, `DATABASE_URL`, `POPCON_RESULTS`, `POPCON_MODELS_DIR`; `HF_HOME` is
-//! read by the engine's weight lookup) to [`WorkerConfig`] is one tested function, and tests
-//! can build a [`WorkerConfig`] directly without flags.
+//! The clap argument structs live here (not in `main.rs`) so that the mapping from flags, env
+//! vars (`REDIS_URL`, `DATABASE_URL`, `POPCON_RESULTS`, `POPCON_MODELS_DIR`, `POPCON_CONFIG`;
+//! `HF_HOME` is read by the engine's weight lookup) and the file ([`FileConfig`]) to
+//! [`WorkerConfig`] is one tested function, and tests can build a [`WorkerConfig`] directly
+//! without flags.
+//!
+//! Precedence, for every setting: flags > env > the `--config` file > built-in
+//! [`defaults`]. clap already puts a flag before its env var; the flags therefore carry no
+//! clap defaults (an absent flag is `None`), so the file can fill what neither set.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::blobs::BlobsConfig;
@@ -118,22 +124,206 @@ pub struct WorkerConfig {
     pub retry: RetryConfig,
 }
 
+/// Built-in defaults of the settings that flags, env and the file can set.
+pub mod defaults {
+    pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+    pub const DATABASE_URL: &str = "sqlite:./popcon.db";
+    pub const RESULTS: &str = "./results";
+    pub const PREFIX: &str = "popcon:";
+    pub const MODEL: &str = "tiny";
+    pub const PREFETCH: u32 = 1;
+    pub const GRACE_S: u64 = 25;
+    pub const LEASE_S: u64 = 30;
+    pub const MAX_DELIVERIES: u32 = 5;
+    /// Where `--start-redis` keeps the Redis it starts (append-only file and snapshots).
+    pub const REDIS_DATA: &str = "./redis-data";
+}
+
+/// A settings file that cannot be used. Every message names the file (and the key).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {}: cannot read it: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Bad TOML, a value of the wrong type, or an unknown key (toml names the key).
+    #[error("config file {}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {}: `{key}`: {message}", path.display())]
+    Value {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// The optional TOML settings file (`--config PATH` or `POPCON_CONFIG`).
+///
+/// Flat keys named like the long flags with `_` for `-` (`redis_url = "redis://…"`,
+/// `grace = "25s"`, `http = "127.0.0.1:9000"`). Every key is optional; an unknown key is an
+/// error that names it. Precedence: flags > env > this file > built-in defaults. Relative
+/// paths are taken from the working directory, as on the command line.
+#[derive(Debug, Default, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub redis_url: Option<String>,
+    pub database_url: Option<String>,
+    pub results: Option<PathBuf>,
+    pub prefix: Option<String>,
+    pub models_dir: Option<PathBuf>,
+    pub model: Option<String>,
+    pub model_dir: Option<PathBuf>,
+    pub device: Option<String>,
+    pub steps: Option<u32>,
+    pub prefetch: Option<u32>,
+    pub http: Option<String>,
+    pub grace: Option<String>,
+    pub lease: Option<String>,
+    pub max_deliveries: Option<u32>,
+    pub consumer: Option<String>,
+    pub start_redis: Option<bool>,
+    pub redis_data: Option<PathBuf>,
+}
+
+/// A loaded [`FileConfig`] with the path it came from (for error messages).
+#[derive(Debug, Default, Clone)]
+pub struct LoadedFile {
+    pub path: Option<PathBuf>,
+    pub file: FileConfig,
+}
+
+impl FileConfig {
+    /// Parses TOML text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })
+    }
+
+    /// Reads and parses `path`.
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+}
+
+impl LoadedFile {
+    /// The file at `path`, or an empty one.
+    pub fn load(path: Option<&Path>) -> Result<LoadedFile, ConfigError> {
+        Ok(match path {
+            None => LoadedFile::default(),
+            Some(p) => LoadedFile {
+                path: Some(p.to_path_buf()),
+                file: FileConfig::load(p)?,
+            },
+        })
+    }
+
+    fn bad(&self, key: &'static str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Value {
+            path: self.path.clone().unwrap_or_default(),
+            key,
+            message: message.into(),
+        }
+    }
+
+    fn duration(
+        &self,
+        key: &'static str,
+        v: &Option<String>,
+    ) -> Result<Option<Duration>, ConfigError> {
+        v.as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(|m| self.bad(key, m))
+    }
+
+    fn ranged(
+        &self,
+        key: &'static str,
+        v: Option<u32>,
+        range: std::ops::RangeInclusive<u32>,
+    ) -> Result<Option<u32>, ConfigError> {
+        match v {
+            Some(n) if !range.contains(&n) => Err(self.bad(
+                key,
+                format!("{n} is not in {}..={}", range.start(), range.end()),
+            )),
+            v => Ok(v),
+        }
+    }
+}
+
 /// Where the daemon and the operator commands find Redis, the database and the results.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct ConnectionArgs {
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    /// A TOML settings file; flags and env override it [env: POPCON_CONFIG].
+    #[arg(long = "config", env = "POPCON_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// [default: redis://127.0.0.1:6379]
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// [default: sqlite:./popcon.db]
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Result images folder [default: ./results].
+    #[arg(long, env = "POPCON_RESULTS")]
+    pub results: Option<PathBuf>,
+    /// Redis key prefix [default: popcon:].
+    #[arg(long, env = "POPCON_PREFIX")]
+    pub prefix: Option<String>,
+}
+
+/// [`ConnectionArgs`] resolved against the file and the defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
     pub redis_url: String,
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite:./popcon.db")]
     pub database_url: String,
-    /// Result images folder.
-    #[arg(long, env = "POPCON_RESULTS", default_value = "./results")]
     pub results: PathBuf,
-    /// Redis key prefix.
-    #[arg(long, env = "POPCON_PREFIX", default_value = "popcon:")]
     pub prefix: String,
 }
 
 impl ConnectionArgs {
+    /// Loads the settings file (if any) and resolves flags > env > file > defaults.
+    pub fn resolve(&self) -> Result<(Connection, LoadedFile), ConfigError> {
+        let file = LoadedFile::load(self.config.as_deref())?;
+        Ok((self.resolve_with(&file), file))
+    }
+
+    /// Resolves against an already loaded file.
+    pub fn resolve_with(&self, file: &LoadedFile) -> Connection {
+        let f = &file.file;
+        Connection {
+            redis_url: self
+                .redis_url
+                .clone()
+                .or_else(|| f.redis_url.clone())
+                .unwrap_or_else(|| defaults::REDIS_URL.into()),
+            database_url: self
+                .database_url
+                .clone()
+                .or_else(|| f.database_url.clone())
+                .unwrap_or_else(|| defaults::DATABASE_URL.into()),
+            results: self
+                .results
+                .clone()
+                .or_else(|| f.results.clone())
+                .unwrap_or_else(|| defaults::RESULTS.into()),
+            prefix: self
+                .prefix
+                .clone()
+                .or_else(|| f.prefix.clone())
+                .unwrap_or_else(|| defaults::PREFIX.into()),
+        }
+    }
+}
+
+impl Connection {
     /// Queue settings for a short-lived operator command (connect patience: a few seconds).
     pub fn queue_config(&self) -> QueueConfig {
         QueueConfig {
@@ -157,70 +347,150 @@ impl ConnectionArgs {
     }
 }
 
-/// `popcon-worker run`.
-#[derive(clap::Args, Debug, Clone)]
+/// `popcon-worker run`. Options left out fall back to the settings file, then the defaults.
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct RunArgs {
     #[command(flatten)]
     pub conn: ConnectionArgs,
-    /// Model preset.
-    #[arg(long, default_value = "tiny")]
-    pub model: String,
+    /// Model preset [default: tiny].
+    #[arg(long)]
+    pub model: Option<String>,
     /// A diffusers folder to load instead of the preset's own location.
     #[arg(long)]
     pub model_dir: Option<PathBuf>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: DeviceChoice,
+    /// cpu, cuda or cuda:N [default: cpu].
+    #[arg(long)]
+    pub device: Option<DeviceChoice>,
     /// Denoising steps (default: the preset's).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub steps: Option<u32>,
-    /// Jobs claimed ahead of the one in the engine (0: one job at a time).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=8))]
-    pub prefetch: u32,
+    /// Jobs claimed ahead of the one in the engine (0: one job at a time) [default: 1].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=8))]
+    pub prefetch: Option<u32>,
     /// Serve /healthz, /readyz and /metrics here, e.g. 127.0.0.1:9000.
     #[arg(long)]
     pub http: Option<SocketAddr>,
-    /// Time the job in flight gets to finish after SIGTERM/SIGINT, e.g. 25s.
-    #[arg(long, default_value = "25s", value_parser = parse_duration)]
-    pub grace: Duration,
-    /// How long a claimed entry stays ours without renewal, e.g. 30s.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    pub lease: Duration,
-    /// Deliveries after which a failing entry is dead-lettered.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
-    pub max_deliveries: u32,
+    /// Time the job in flight gets to finish after SIGTERM/SIGINT [default: 25s].
+    #[arg(long, value_parser = parse_duration)]
+    pub grace: Option<Duration>,
+    /// How long a claimed entry stays ours without renewal [default: 30s].
+    #[arg(long, value_parser = parse_duration)]
+    pub lease: Option<Duration>,
+    /// Deliveries after which a failing entry is dead-lettered [default: 5].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_deliveries: Option<u32>,
     /// Consumer name in the group (default: hostname-pid).
     #[arg(long, env = "POPCON_CONSUMER")]
     pub consumer: Option<String>,
+    /// If nothing answers at the (local) Redis URL, start `redis-server` there as a child
+    /// process with persistence on (`--appendonly yes`), and stop it on exit.
+    #[arg(long, env = "POPCON_START_REDIS")]
+    pub start_redis: bool,
+    /// Data folder of the Redis that --start-redis starts [default: ./redis-data].
+    #[arg(long, env = "POPCON_REDIS_DATA")]
+    pub redis_data: Option<PathBuf>,
+}
+
+/// Everything `popcon-worker run` resolved: the worker's settings and the local Redis to
+/// start, if asked.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub worker: WorkerConfig,
+    /// `Some(data dir)` when a local `redis-server` should be started if none answers.
+    pub start_redis: Option<PathBuf>,
 }
 
 impl RunArgs {
-    /// The daemon's settings; `models_dir` comes from the global flag.
-    pub fn into_config(self, models_dir: PathBuf) -> WorkerConfig {
-        let mut queue = self.conn.queue_config();
-        queue.lease = self.lease;
-        queue.max_deliveries = self.max_deliveries;
+    /// Loads the settings file and resolves flags > env > file > defaults. `models_dir` is
+    /// the global flag (or `POPCON_MODELS_DIR`).
+    pub fn into_config(self, models_dir: Option<PathBuf>) -> Result<RunConfig, ConfigError> {
+        let file = LoadedFile::load(self.conn.config.as_deref())?;
+        self.into_config_with(models_dir, &file)
+    }
+
+    /// [`RunArgs::into_config`] with an already loaded file.
+    pub fn into_config_with(
+        self,
+        models_dir: Option<PathBuf>,
+        file: &LoadedFile,
+    ) -> Result<RunConfig, ConfigError> {
+        let f = &file.file;
+        let conn = self.conn.resolve_with(file);
+        let file_device = f
+            .device
+            .as_deref()
+            .map(str::parse::<DeviceChoice>)
+            .transpose()
+            .map_err(|m| file.bad("device", m))?;
+        let file_http = f
+            .http
+            .as_deref()
+            .map(|s| {
+                s.parse::<SocketAddr>()
+                    .map_err(|e| file.bad("http", format!("`{s}`: {e} (e.g. 127.0.0.1:9000)")))
+            })
+            .transpose()?;
+        let steps = self.steps.or(file.ranged("steps", f.steps, 1..=1000)?);
+        let prefetch = self
+            .prefetch
+            .or(file.ranged("prefetch", f.prefetch, 0..=8)?)
+            .unwrap_or(defaults::PREFETCH);
+        let max_deliveries = self
+            .max_deliveries
+            .or(file.ranged("max_deliveries", f.max_deliveries, 1..=100)?)
+            .unwrap_or(defaults::MAX_DELIVERIES);
+        let grace = self
+            .grace
+            .or(file.duration("grace", &f.grace)?)
+            .unwrap_or(Duration::from_secs(defaults::GRACE_S));
+        let lease = self
+            .lease
+            .or(file.duration("lease", &f.lease)?)
+            .unwrap_or(Duration::from_secs(defaults::LEASE_S));
+        if lease.is_zero() {
+            return Err(file.bad("lease", "must be positive"));
+        }
+
+        let mut queue = conn.queue_config();
+        queue.lease = lease;
+        queue.max_deliveries = max_deliveries;
         queue.connect_patience = Duration::from_secs(3600);
-        if let Some(c) = self.consumer {
+        if let Some(c) = self.consumer.or_else(|| f.consumer.clone()) {
             queue.consumer = c;
         }
-        WorkerConfig {
-            store: self.conn.store_config(),
-            blobs: self.conn.blobs_config(),
+        let start_redis = (self.start_redis || f.start_redis.unwrap_or(false)).then(|| {
+            self.redis_data
+                .or_else(|| f.redis_data.clone())
+                .unwrap_or_else(|| defaults::REDIS_DATA.into())
+        });
+        let worker = WorkerConfig {
+            store: conn.store_config(),
+            blobs: conn.blobs_config(),
             queue,
             engine: EngineConfig {
-                model: self.model,
-                models_dir,
-                model_dir: self.model_dir,
-                device: self.device,
-                steps: self.steps.map(|s| s as usize),
+                model: self
+                    .model
+                    .or_else(|| f.model.clone())
+                    .unwrap_or_else(|| defaults::MODEL.into()),
+                models_dir: models_dir
+                    .or_else(|| f.models_dir.clone())
+                    .unwrap_or_else(PresetRegistry::default_models_dir),
+                model_dir: self.model_dir.or_else(|| f.model_dir.clone()),
+                device: self.device.or(file_device).unwrap_or(DeviceChoice::Cpu),
+                steps: steps.map(|s| s as usize),
                 strength: None,
-                prefetch: self.prefetch as usize,
+                prefetch: prefetch as usize,
             },
-            http: HttpConfig { addr: self.http },
-            shutdown: ShutdownConfig { grace: self.grace },
+            http: HttpConfig {
+                addr: self.http.or(file_http),
+            },
+            shutdown: ShutdownConfig { grace },
             retry: RetryConfig::default(),
-        }
+        };
+        Ok(RunConfig {
+            worker,
+            start_redis,
+        })
     }
 }
 
@@ -259,5 +529,141 @@ mod tests {
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5d").is_err());
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn args(argv: &[&str]) -> RunArgs {
+        use clap::Parser;
+        let mut all = vec!["run"];
+        all.extend_from_slice(argv);
+        Cli::try_parse_from(all).unwrap().run
+    }
+
+    fn file(text: &str) -> LoadedFile {
+        let path = PathBuf::from("/etc/popcon.toml");
+        LoadedFile {
+            file: FileConfig::parse(text, &path).unwrap(),
+            path: Some(path),
+        }
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let c = args(&[])
+            .into_config_with(None, &LoadedFile::default())
+            .unwrap();
+        assert_eq!(c.worker.queue.redis_url, defaults::REDIS_URL);
+        assert_eq!(c.worker.store.url, defaults::DATABASE_URL);
+        assert_eq!(c.worker.blobs.root, PathBuf::from(defaults::RESULTS));
+        assert_eq!(c.worker.engine.model, "tiny");
+        assert_eq!(c.worker.engine.device, DeviceChoice::Cpu);
+        assert_eq!(c.worker.engine.prefetch, 1);
+        assert_eq!(c.worker.shutdown.grace, Duration::from_secs(25));
+        assert_eq!(c.worker.queue.lease, Duration::from_secs(30));
+        assert_eq!(c.worker.queue.max_deliveries, 5);
+        assert_eq!(c.worker.http.addr, None);
+        assert_eq!(c.start_redis, None);
+    }
+
+    #[test]
+    fn the_file_fills_what_flags_leave_out_and_flags_win() {
+        let f = file(
+            r#"
+            redis_url = "redis://10.0.0.5:6380"
+            database_url = "sqlite:/var/lib/popcon.db"
+            results = "/srv/results"
+            prefix = "staging:"
+            models_dir = "/opt/models"
+            model = "sd15"
+            device = "cuda:1"
+            steps = 12
+            prefetch = 2
+            http = "127.0.0.1:9100"
+            grace = "40s"
+            lease = "1m"
+            max_deliveries = 7
+            consumer = "gpu-a"
+            start_redis = true
+            redis_data = "/var/lib/redis-popcon"
+            "#,
+        );
+        let c = args(&[]).into_config_with(None, &f).unwrap();
+        let w = &c.worker;
+        assert_eq!(w.queue.redis_url, "redis://10.0.0.5:6380");
+        assert_eq!(w.queue.prefix, "staging:");
+        assert_eq!(w.store.url, "sqlite:/var/lib/popcon.db");
+        assert_eq!(w.blobs.root, PathBuf::from("/srv/results"));
+        assert_eq!(w.engine.models_dir, PathBuf::from("/opt/models"));
+        assert_eq!(w.engine.model, "sd15");
+        assert_eq!(w.engine.device, DeviceChoice::Cuda(1));
+        assert_eq!(w.engine.steps, Some(12));
+        assert_eq!(w.engine.prefetch, 2);
+        assert_eq!(w.http.addr, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(w.shutdown.grace, Duration::from_secs(40));
+        assert_eq!(w.queue.lease, Duration::from_secs(60));
+        assert_eq!(w.queue.max_deliveries, 7);
+        assert_eq!(w.queue.consumer, "gpu-a");
+        assert_eq!(c.start_redis, Some(PathBuf::from("/var/lib/redis-popcon")));
+
+        let c = args(&[
+            "--redis-url",
+            "redis://127.0.0.1:7000",
+            "--model",
+            "tiny",
+            "--device",
+            "cpu",
+            "--grace",
+            "5s",
+            "--prefetch",
+            "0",
+        ])
+        .into_config_with(Some("/flag/models".into()), &f)
+        .unwrap();
+        let w = &c.worker;
+        assert_eq!(w.queue.redis_url, "redis://127.0.0.1:7000");
+        assert_eq!(w.engine.model, "tiny");
+        assert_eq!(w.engine.device, DeviceChoice::Cpu);
+        assert_eq!(w.engine.models_dir, PathBuf::from("/flag/models"));
+        assert_eq!(w.shutdown.grace, Duration::from_secs(5));
+        assert_eq!(w.engine.prefetch, 0);
+        // Untouched by flags: still the file's.
+        assert_eq!(w.store.url, "sqlite:/var/lib/popcon.db");
+        assert_eq!(w.queue.lease, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_file_and_the_key() {
+        let path = PathBuf::from("/etc/popcon.toml");
+        let e = FileConfig::parse("redis_url = \"redis://x\"\nreddis = 1\n", &path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/etc/popcon.toml") && e.contains("reddis"),
+            "{e}"
+        );
+        for (text, key) in [
+            ("grace = \"forever\"", "grace"),
+            ("device = \"tpu\"", "device"),
+            ("prefetch = 99", "prefetch"),
+            ("http = \"nope\"", "http"),
+        ] {
+            let e = args(&[])
+                .into_config_with(None, &file(text))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("/etc/popcon.toml") && e.contains(&format!("`{key}`")),
+                "{text}: {e}"
+            );
+        }
+        let e = LoadedFile::load(Some(Path::new("/nonexistent/popcon.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/popcon.toml"), "{e}");
     }
 }

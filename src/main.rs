@@ -17,6 +17,7 @@ use popcon_worker::engine::{
 use popcon_worker::kernels::AlphaKey;
 use popcon_worker::pipeline::post::{self, ImageLimits};
 
+mod local_redis;
 mod ops;
 
 #[derive(Parser, Debug)]
@@ -161,7 +162,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate(&models_dir, *args),
         Command::Models { command } => models(&models_dir, command),
-        Command::Run(args) => ops::run_daemon(args.into_config(models_dir.clone())),
+        Command::Run(args) => args
+            .into_config(cli.models_dir.clone())
+            .map_err(|e| Failure::Usage(e.to_string()))
+            .and_then(ops::run_daemon),
         Command::Enqueue { command } => ops::enqueue(command),
         Command::OffHours { command } => ops::off_hours(command),
         Command::Job { command } => ops::job(command),

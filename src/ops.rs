@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use popcon_worker::blobs::Blobs;
-use popcon_worker::config::{ConnectionArgs, WorkerConfig, parse_duration};
+use popcon_worker::config::{Connection, ConnectionArgs, RunConfig, parse_duration};
 use popcon_worker::enqueue::{self, GenerateSet};
 use popcon_worker::http::HttpState;
 use popcon_worker::queue::{OFF_HOURS_MAX_TTL, Queue, QueueError};
@@ -110,15 +110,23 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
         .map_err(Failure::Runtime)
 }
 
+/// The connection settings: flags > env > the `--config` file > defaults. A bad file is a
+/// usage error.
+fn connection(conn: &ConnectionArgs) -> Result<Connection, Failure> {
+    conn.resolve()
+        .map(|(c, _)| c)
+        .map_err(|e| Failure::Usage(e.to_string()))
+}
+
 async fn queue(conn: &ConnectionArgs) -> Result<Queue, Failure> {
-    Queue::connect(conn.queue_config())
+    Queue::connect(connection(conn)?.queue_config())
         .await
         .context("connecting to redis")
         .map_err(Failure::Runtime)
 }
 
 async fn store(conn: &ConnectionArgs) -> Result<Store, Failure> {
-    Store::connect(&conn.database_url)
+    Store::connect(&connection(conn)?.database_url)
         .await
         .context("opening the job database")
         .map_err(Failure::Runtime)
@@ -130,8 +138,20 @@ fn human(d: Duration) -> String {
 }
 
 /// `popcon-worker run`.
-pub fn run_daemon(cfg: WorkerConfig) -> Result<(), Failure> {
-    runtime()?.block_on(async move {
+pub fn run_daemon(run: RunConfig) -> Result<(), Failure> {
+    let RunConfig {
+        worker: cfg,
+        start_redis,
+    } = run;
+    // Before the runtime: a Redis we start must outlive the worker, which needs it to hand
+    // its entries back at shutdown. Dropped (SHUTDOWN, append-only file flushed) last.
+    let local_redis = match start_redis {
+        Some(dir) => {
+            crate::local_redis::ensure(&cfg.queue.redis_url, &dir).map_err(Failure::Runtime)?
+        }
+        None => None,
+    };
+    let result = runtime()?.block_on(async move {
         let (trigger, shutdown) = shutdown_channel();
         // Signals first: a SIGTERM during the (long) model load must also stop us cleanly.
         let signals = trigger.clone();
@@ -142,23 +162,36 @@ pub fn run_daemon(cfg: WorkerConfig) -> Result<(), Failure> {
         });
         // Probes answer from the start; /readyz says "loading" until the worker is up.
         let state = HttpState::new();
-        if let Some(addr) = cfg.http.addr {
-            popcon_worker::http::serve(addr, state.clone(), shutdown.clone())
-                .await
-                .context("starting the HTTP endpoint")
-                .map_err(Failure::Runtime)?;
-        }
+        let http = match cfg.http.addr {
+            Some(addr) => Some(
+                popcon_worker::http::serve(addr, state.clone(), shutdown.clone())
+                    .await
+                    .context("starting the HTTP endpoint")
+                    .map_err(Failure::Runtime)?
+                    .1,
+            ),
+            None => None,
+        };
         let worker = tokio::select! {
             w = Worker::start(cfg) => Arc::new(w.context("starting the worker").map_err(Failure::Runtime)?),
             _ = shutdown.wait() => return Ok(()),
         };
         state.set_worker(worker.clone());
-        worker
+        let result = worker
             .run(shutdown)
             .await
             .context("worker loop")
-            .map_err(Failure::Runtime)
-    })
+            .map_err(Failure::Runtime);
+        // The server saw the same signal; let requests in flight end, briefly.
+        if let Some(task) = http
+            && tokio::time::timeout(Duration::from_secs(5), task).await.is_err()
+        {
+            tracing::warn!("HTTP server still busy 5 s after shutdown; leaving it");
+        }
+        result
+    });
+    drop(local_redis);
+    result
 }
 
 async fn wait_for_signal() {
@@ -210,7 +243,7 @@ pub fn enqueue(command: EnqueueCommand) -> Result<(), Failure> {
     runtime()?.block_on(async {
         let store = store(&a.conn).await?;
         let queue = queue(&a.conn).await?;
-        let blobs = Blobs::open(&a.conn.blobs_config())
+        let blobs = Blobs::open(&connection(&a.conn)?.blobs_config())
             .context("opening the results folder")
             .map_err(Failure::Runtime)?;
         let rec = enqueue::generate_set(&store, &queue, &blobs, &req)

@@ -1,6 +1,6 @@
 //! The daemon and operator commands as an operator runs them: `run` (with a real SIGTERM),
-//! `enqueue generate-set`, `job show`, `off-hours`, `dead list` / `dead requeue`, and exit
-//! code 2 with one clear message for bad input.
+//! `enqueue generate-set`, `job show`, `off-hours`, `dead list` / `dead requeue`, exit
+//! code 2 with one clear message for bad input, the `--config` file, and `run --start-redis`.
 
 mod common;
 
@@ -242,4 +242,203 @@ fn bad_operator_input_is_one_clear_message_and_exit_2() {
     );
     usage_error(&env.run(&["job", "show", "nope"]), "no job `nope`");
     usage_error(&env.run(&["run", "--grace", "forever"]), "duration");
+}
+
+fn wait_exit(daemon: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = daemon.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "daemon did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_config_file_fills_in_settings_and_env_and_flags_override_it() {
+    let env = Env::new();
+    let file = env.dir.path().join("popcon.toml");
+    // The file's Redis URL is dead; REDIS_URL (set by `cmd`) must win over it.
+    std::fs::write(
+        &file,
+        "redis_url = \"redis://127.0.0.1:1\"\nprefix = \"cfg:\"\n",
+    )
+    .unwrap();
+    let file_arg = file.to_str().unwrap();
+    ok(&env.run(&["off-hours", "on", "--ttl", "1h", "--config", file_arg]));
+    let mut c = redis::Client::open(env.redis.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let exists = |c: &mut redis::Connection, key: &str| -> bool {
+        redis::cmd("EXISTS").arg(key).query::<i64>(c).unwrap() == 1
+    };
+    assert!(exists(&mut c, "cfg:off_hours"), "the file's prefix is used");
+    assert!(!exists(&mut c, "popcon:off_hours"));
+    // POPCON_CONFIG names the file too; a flag beats the file's prefix.
+    let out = env
+        .cmd()
+        .env("POPCON_CONFIG", &file)
+        .args(["off-hours", "on", "--ttl", "1h", "--prefix", "flag:"])
+        .output()
+        .unwrap();
+    ok(&out);
+    assert!(
+        exists(&mut c, "flag:off_hours"),
+        "the flag wins over the file"
+    );
+
+    // Unknown keys and bad values: exit 2, naming the file and the key.
+    std::fs::write(&file, "reddis_url = \"redis://127.0.0.1:6379\"\n").unwrap();
+    let out = env.run(&["off-hours", "status", "--config", file_arg]);
+    usage_error(&out, "reddis_url");
+    usage_error(&out, file_arg);
+    std::fs::write(&file, "grace = \"forever\"\n").unwrap();
+    let out = env.run(&["run", "--config", file_arg]);
+    usage_error(&out, "`grace`");
+    usage_error(&out, file_arg);
+    usage_error(
+        &env.run(&[
+            "off-hours",
+            "status",
+            "--config",
+            "/nonexistent/popcon.toml",
+        ]),
+        "/nonexistent/popcon.toml",
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn redis_answers(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    s.write_all(b"PING\r\n").is_ok() && matches!(s.read(&mut buf), Ok(n) if n > 0)
+}
+
+/// A command line with no Redis running: only `--start-redis` can bring one up.
+fn bare_cmd(dir: &Path, port: u16) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_popcon-worker"));
+    c.env(
+        "POPCON_MODELS_DIR",
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("models"),
+    )
+    .env("RUST_LOG", "warn")
+    .env("REDIS_URL", format!("redis://127.0.0.1:{port}"))
+    .env(
+        "DATABASE_URL",
+        format!("sqlite://{}", dir.join("popcon.db").display()),
+    )
+    .env("POPCON_RESULTS", dir.join("results"));
+    c
+}
+
+#[test]
+fn start_redis_brings_up_a_persistent_redis_and_stops_it_on_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let data = dir.path().join("redis-data");
+    let mut daemon = bare_cmd(dir.path(), port)
+        .args(["run", "--start-redis", "--grace", "5s", "--redis-data"])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !redis_answers(port) {
+        if let Some(s) = daemon.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(daemon.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("daemon exited ({s:?}) before Redis answered: {err}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the started Redis never answered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let run = |args: &[&str]| bare_cmd(dir.path(), port).args(args).output().unwrap();
+    let id = ok(&run(&[
+        "enqueue",
+        "generate-set",
+        "--subject",
+        "a red fox",
+        "--expressions",
+        "happy",
+        "--seed",
+        "3",
+    ]))
+    .trim()
+    .to_string();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&run(&["job", "show", &id, "--json"]))).unwrap();
+        if v["status"] == "done" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "job never finished: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Persistence is on: the append-only file lives in the data folder.
+    let aof = std::fs::read_dir(&data)
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|e| e.file_name().to_string_lossy().starts_with("appendonly"));
+    assert!(aof, "no append-only file in {}", data.display());
+    let kill = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = wait_exit(&mut daemon, Duration::from_secs(30));
+    let mut err = String::new();
+    std::io::Read::read_to_string(daemon.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "exit status {status:?}: {err}");
+    assert!(
+        err.contains("STARTED A LOCAL redis-server"),
+        "logged loudly: {err}"
+    );
+    assert!(!redis_answers(port), "the started Redis is stopped on exit");
+}
+
+#[test]
+fn start_redis_without_redis_server_installed_is_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bare_cmd(dir.path(), free_port())
+        .env("REDIS_SERVER", "/nonexistent/redis-server")
+        .args(["run", "--start-redis"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains("is not installed") && stderr.contains("/nonexistent/redis-server"),
+        "{stderr}"
+    );
+    // A remote URL is refused rather than "started" here.
+    let out = bare_cmd(dir.path(), 6379)
+        .env("REDIS_URL", "redis://10.255.255.1:6379")
+        .args(["run", "--start-redis"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains("only starts a Redis on this machine"),
+        "{stderr}"
+    );
 }

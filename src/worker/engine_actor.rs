@@ -168,6 +168,44 @@ impl EngineHandle {
     }
 }
 
+/// Bench only (cargo feature `bench-engine`, never in a default build): an engine that does
+/// no diffusion. Each request is answered at once with blank images of the requested size, so
+/// a benchmark measures the daemon's own claim → gates → write → ack overhead. It runs on its
+/// own thread and keeps the same stats as the real actor.
+#[cfg(feature = "bench-engine")]
+impl EngineHandle {
+    pub fn spawn_noop(preset: ModelPreset) -> EngineHandle {
+        let (tx, mut rx) = mpsc::channel::<Job>(4);
+        let stats = Arc::new(EngineStats::default());
+        let thread_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("popcon-engine-noop".into())
+            .spawn(move || {
+                while let Some(job) = rx.blocking_recv() {
+                    thread_stats.calls.fetch_add(1, Ordering::Relaxed);
+                    let started = Instant::now();
+                    let (w, h) = (job.req.width as u32, job.req.height as u32);
+                    let images = (0..job.req.prompts.len())
+                        .map(|_| image::RgbaImage::new(w, h))
+                        .collect();
+                    thread_stats
+                        .busy_micros
+                        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    let _ = job.reply.send(Ok(Rendered {
+                        images,
+                        timings: StageTimings::default(),
+                    }));
+                }
+            })
+            .expect("spawn the no-op engine thread");
+        EngineHandle {
+            tx,
+            preset: Arc::new(preset),
+            stats,
+        }
+    }
+}
+
 fn serve(engine: &Engine, job: &Job, stats: &EngineStats) -> Result<Rendered, ActorError> {
     stats.calls.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
