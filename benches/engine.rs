@@ -6,8 +6,9 @@
 //!   preset's defaults (128×128, 4 Euler-ancestral steps, guidance 4 so classifier-free guidance
 //!   doubles the UNet batch). One iteration is a whole `generate` — text encode, denoise, VAE
 //!   decode, RGBA conversion — so the figure is what a worker gets per batch, and the batch sizes
-//!   show how much batching buys. The tiny model is overhead-dominated: these numbers track the
-//!   engine's own cost (tensor plumbing, scheduler, conversion), not real-model speed.
+//!   show how much batching buys. These numbers guard the engine's own CPU path (plumbing,
+//!   scheduler, conversion) and its batching, not real-model speed; on the CPU the tiny VAE,
+//!   which decodes at full 128×128 resolution, takes most of the time (see BENCHMARKS.md).
 //! - `tiny_cpu_stages/*`: the stages of a batch-8 generate separately — the text encoding
 //!   (8 prompts and the negative one), one UNet forward at the guided batch of 16, one VAE
 //!   decode of 8 latents — so a slowdown in the `generate` rows can be placed.
@@ -38,9 +39,10 @@ use popcon_worker::engine::preset::PresetRegistry;
 use popcon_worker::engine::weights::ModelFiles;
 use popcon_worker::engine::{Engine, EngineOptions, GenerateRequest, no_observer};
 
-/// The kind of prompt the pose stage sends; its length only changes tokenization, not the shapes.
+/// The pose stage's wording (`pipeline::prompt::pose_prompt`); the prompt only changes
+/// tokenization, not the shapes.
 const PROMPT: &str =
-    "full body, head to toe, a friendly cartoon fox standing, front view, plain white background";
+    "a friendly cartoon fox, head-to-toe shot of the subject, feet visible (not shoes)";
 
 fn prompts(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{PROMPT}, variant {i}")).collect()

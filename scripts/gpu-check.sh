@@ -188,7 +188,7 @@ hook_bench() {
     timeout "$step_timeout" "$b" --bench --noplot cuda_generate 2>&1 | tee "$log"
     local rc=${PIPESTATUS[0]}
     # One "name  thrpt: [lo mid hi]" line per case, for the table and BENCHMARKS.md.
-    awk '/^[a-z0-9_-]+cuda_generate/ {name=$1} /thrpt:/ {print name, $3, $4}' "$log" \
+    awk '/^[a-z0-9_-]+cuda_generate/ {name=$1} /thrpt:/ {print name, $4, $5}' "$log" \
         >"$logs/bench-thrpt.txt"
     local cases
     cases="$(awk '{printf "%s %s %s; ", $1, $2, $3}' "$logs/bench-thrpt.txt")"
