@@ -442,3 +442,91 @@ fn start_redis_without_redis_server_installed_is_one_clear_error() {
         "{stderr}"
     );
 }
+
+/// Status and attempts of a job's emoji rows, from `job show --json`.
+fn show(env: &Env, id: &str) -> serde_json::Value {
+    serde_json::from_str(&ok(&env.run(&["job", "show", id, "--json"]))).unwrap()
+}
+
+#[test]
+fn a_daemon_killed_with_sigkill_mid_job_is_reclaimed_after_the_lease_and_finished_once() {
+    let env = Env::new();
+    let id = ok(&env.run(&[
+        "enqueue",
+        "generate-set",
+        "--subject",
+        "a red fox",
+        "--expressions",
+        "happy",
+        "--seed",
+        "3",
+    ]))
+    .trim()
+    .to_string();
+    // A long job (many steps) and a short lease, so the crash lands mid-diffusion and the
+    // takeover comes quickly.
+    let spawn = |consumer: &str, steps: &str| {
+        env.cmd()
+            .args([
+                "run",
+                "--model",
+                "tiny",
+                "--steps",
+                steps,
+                "--lease",
+                "2s",
+                "--consumer",
+                consumer,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = spawn("crashing", "400");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while show(&env, &id)["emoji"][0]["status"] != "running" {
+        assert!(
+            Instant::now() < deadline,
+            "the first daemon never started the job"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let kill = Command::new("kill")
+        .args(["-KILL", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let _ = first.wait();
+    assert_eq!(
+        show(&env, &id)["emoji"][0]["status"],
+        "running",
+        "nothing was released"
+    );
+
+    let mut second = spawn("survivor", "4");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let done = loop {
+        let v = show(&env, &id);
+        if v["status"] == "done" {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job was never taken over: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let emoji = &done["emoji"][0];
+    assert_eq!(emoji["status"], "done");
+    assert_eq!(emoji["fence"], 1, "the same message, not a new one");
+    // One attempt by the crashed daemon, one by the survivor: finished once, after the takeover.
+    assert_eq!(emoji["attempts"], 2, "{emoji}");
+    let results = env.dir.path().join("results/jobs").join(&id).join("emoji");
+    let written: Vec<_> = std::fs::read_dir(&results).unwrap().collect();
+    assert_eq!(written.len(), 1, "one image written: {written:?}");
+    let _ = Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status();
+    let _ = second.wait();
+}
