@@ -57,9 +57,7 @@ fn config(redis_url: &str, dir: &std::path::Path, prefix: &str) -> WorkerConfig 
         store: StoreConfig {
             url: format!("sqlite://{}", dir.join("popcon.db").display()),
         },
-        blobs: BlobsConfig {
-            root: dir.join("results"),
-        },
+        blobs: BlobsConfig::at(dir.join("results")),
         engine: EngineConfig {
             model: "tiny".into(),
             models_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/models").into(),

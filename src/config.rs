@@ -170,6 +170,8 @@ pub struct FileConfig {
     pub redis_url: Option<String>,
     pub database_url: Option<String>,
     pub results: Option<PathBuf>,
+    pub public_base: Option<String>,
+    pub url_secret: Option<String>,
     pub prefix: Option<String>,
     pub models_dir: Option<PathBuf>,
     pub model: Option<String>,
@@ -277,6 +279,13 @@ pub struct ConnectionArgs {
     /// Redis key prefix [default: popcon:].
     #[arg(long, env = "POPCON_PREFIX")]
     pub prefix: Option<String>,
+    /// Where readers fetch result images: the API's `/files` or a CDN URL [default: /files].
+    #[arg(long, env = "POPCON_PUBLIC_BASE")]
+    pub public_base: Option<String>,
+    /// Secret for signed image URLs, shared by every API process (>= 16 bytes; prefer the env
+    /// var or the settings file to a flag) [default: random per process].
+    #[arg(long, env = "POPCON_URL_SECRET", hide_env_values = true)]
+    pub url_secret: Option<String>,
 }
 
 /// [`ConnectionArgs`] resolved against the file and the defaults.
@@ -286,6 +295,8 @@ pub struct Connection {
     pub database_url: String,
     pub results: PathBuf,
     pub prefix: String,
+    pub public_base: String,
+    pub url_secret: Option<String>,
 }
 
 impl ConnectionArgs {
@@ -319,6 +330,12 @@ impl ConnectionArgs {
                 .clone()
                 .or_else(|| f.prefix.clone())
                 .unwrap_or_else(|| defaults::PREFIX.into()),
+            public_base: self
+                .public_base
+                .clone()
+                .or_else(|| f.public_base.clone())
+                .unwrap_or_else(|| crate::blobs::DEFAULT_PUBLIC_BASE.into()),
+            url_secret: self.url_secret.clone().or_else(|| f.url_secret.clone()),
         }
     }
 }
@@ -343,6 +360,8 @@ impl Connection {
     pub fn blobs_config(&self) -> BlobsConfig {
         BlobsConfig {
             root: self.results.clone(),
+            public_base: self.public_base.clone(),
+            url_secret: self.url_secret.clone(),
         }
     }
 }

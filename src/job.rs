@@ -401,6 +401,29 @@ impl ValidJob {
             None => format!("{}:{}:-", self.job_id, self.action),
         }
     }
+
+    /// The idempotency key of the credit charge this message was paid with (see
+    /// [`charge_key`]); the worker refunds it when it dead-letters the message.
+    pub fn charge_key(&self) -> String {
+        charge_key(&self.job_id, self.action, self.idx, self.fence)
+    }
+}
+
+/// The ledger idempotency key of the charge for one action on one fence:
+/// `charge:{job_id}:{action}:{idx|-}:{fence}`. Both sides derive it from what the message
+/// carries, so the worker can refund exactly the charge the enqueue side made without the
+/// message naming it, and one action on one fence can never be charged twice.
+pub fn charge_key(job_id: &str, action: Action, idx: Option<u32>, fence: u64) -> String {
+    match idx {
+        Some(i) => format!("charge:{job_id}:{action}:{i}:{fence}"),
+        None => format!("charge:{job_id}:{action}:-:{fence}"),
+    }
+}
+
+/// The idempotency key of the refund of the charge `charge_key`: one refund per charge, however
+/// many paths (API rollback, worker dead letter) try to give it back.
+pub fn refund_key(charge_key: &str) -> String {
+    format!("refund:{charge_key}")
 }
 
 #[cfg(test)]

@@ -18,14 +18,17 @@
 //!
 //! - [`queue`]: Redis streams, leases, reclaim, dead letters, run-once keys, off-hours.
 //! - [`store`]: the job database (SQLite or Postgres), fenced writes.
-//! - [`blobs`]: result images (a local directory; object storage later).
+//! - [`blobs`]: result images (a local directory; object storage later), public thumbnail
+//!   paths and signed URLs.
 //! - [`config`]: the daemon's settings from flags and the environment.
 //! - [`worker`]: the daemon loop, the engine thread, metrics, shutdown.
-//! - [`enqueue`]: the bare submit path (create the job, add the stream entry).
-//! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
-//!
-//! The enqueue API with credits arrives with its own issue.
+//! - [`enqueue`]: the API side — claim, status check, charge + pre-flip, dispatch, and the
+//!   compensating rollback; shared by the HTTP API and the `enqueue` CLI.
+//! - [`auth`]: API users and their hashed bearer tokens.
+//! - [`http`]: axum — the enqueue API, the archive, image files and the streamed zip download,
+//!   and the probes (`/healthz`, `/readyz`, `/metrics`).
 
+pub mod auth;
 pub mod blobs;
 pub mod config;
 pub mod engine;

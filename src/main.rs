@@ -54,10 +54,22 @@ enum Command {
     },
     /// Run the worker daemon until SIGTERM/SIGINT.
     Run(Box<popcon_worker::config::RunArgs>),
-    /// Submit work (the bare path: no credits yet).
+    /// Serve the enqueue API (HTTP) until SIGTERM/SIGINT.
+    Api(Box<ops::ApiArgs>),
+    /// Submit work: generate-set, retry, regenerate, approve, approve-all (charged like the API).
     Enqueue {
         #[command(subcommand)]
         command: ops::EnqueueCommand,
+    },
+    /// API users and their tokens.
+    Users {
+        #[command(subcommand)]
+        command: ops::UsersCommand,
+    },
+    /// Credit balances.
+    Credits {
+        #[command(subcommand)]
+        command: ops::CreditsCommand,
     },
     /// The off-hours flag: costly work is not claimed while it is on (TTL at most 20 h).
     OffHours {
@@ -166,7 +178,10 @@ fn main() -> ExitCode {
             .into_config(cli.models_dir.clone())
             .map_err(|e| Failure::Usage(e.to_string()))
             .and_then(ops::run_daemon),
+        Command::Api(args) => ops::api(*args),
         Command::Enqueue { command } => ops::enqueue(command),
+        Command::Users { command } => ops::users(command),
+        Command::Credits { command } => ops::credits(command),
         Command::OffHours { command } => ops::off_hours(command),
         Command::Job { command } => ops::job(command),
         Command::Dead { command } => ops::dead(command),

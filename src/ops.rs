@@ -1,4 +1,5 @@
-//! The binary's daemon and operator commands: `run`, `enqueue`, `off-hours`, `job`, `dead`.
+//! The binary's daemon and operator commands: `run`, `api`, `enqueue`, `users`, `credits`,
+//! `off-hours`, `job`, `dead`.
 //!
 //! Part of the `popcon-worker` binary (not the library): argument checking, printing and exit
 //! codes. Bad input is one clear message and exit 2 ([`Failure::Usage`]); trouble while working
@@ -12,8 +13,12 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use popcon_worker::blobs::Blobs;
 use popcon_worker::config::{Connection, ConnectionArgs, RunConfig, parse_duration};
-use popcon_worker::enqueue::{self, GenerateSet};
+use popcon_worker::enqueue::{
+    ActionReply, EnqueueConfig, EnqueueError, Enqueuer, GenerateSet, Prices,
+};
 use popcon_worker::http::HttpState;
+use popcon_worker::http::api::{ApiConfig, ApiState};
+use popcon_worker::job::Action;
 use popcon_worker::queue::{OFF_HOURS_MAX_TTL, Queue, QueueError};
 use popcon_worker::store::Store;
 use popcon_worker::worker::{Worker, shutdown_channel};
@@ -22,14 +27,134 @@ use super::Failure;
 
 #[derive(Subcommand, Debug)]
 pub enum EnqueueCommand {
-    /// Create a job with its pending emoji rows and add it to the bulk stream.
+    /// Charge the set, create the job with its pending emoji rows, add it to the bulk stream.
     GenerateSet(GenerateSetArgs),
+    /// Retry one failed emoji (claim, status check, charge + pre-flip, dispatch).
+    Retry(EmojiActionArgs),
+    /// Regenerate one done or failed emoji with a new seed.
+    Regenerate(EmojiActionArgs),
+    /// Approve one done emoji.
+    Approve(EmojiActionArgs),
+    /// Approve every done emoji of a job.
+    ApproveAll(JobActionArgs),
+}
+
+/// What actions cost.
+#[derive(Args, Debug, Clone)]
+pub struct PricingArgs {
+    /// Credits per action, e.g. `generate_set=1,retry=1,regenerate=1,approve=0,approve_all=0`
+    /// (generate_set and approve_all per emoji) [default: those values].
+    #[arg(long, env = "POPCON_PRICES", value_parser = Prices::parse)]
+    prices: Option<Prices>,
+    /// Charge nothing (operator override; no registered user needed).
+    #[arg(long)]
+    free: bool,
+}
+
+impl PricingArgs {
+    fn config(&self) -> EnqueueConfig {
+        EnqueueConfig {
+            prices: if self.free {
+                Prices::free()
+            } else {
+                self.prices.unwrap_or_default()
+            },
+            ..EnqueueConfig::default()
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct EmojiActionArgs {
+    #[command(flatten)]
+    conn: ConnectionArgs,
+    #[command(flatten)]
+    pricing: PricingArgs,
+    job_id: String,
+    /// The emoji index.
+    #[arg(long)]
+    idx: u32,
+    /// The job's owner.
+    #[arg(long, default_value = "local")]
+    user: String,
+}
+
+#[derive(Args, Debug)]
+pub struct JobActionArgs {
+    #[command(flatten)]
+    conn: ConnectionArgs,
+    #[command(flatten)]
+    pricing: PricingArgs,
+    job_id: String,
+    /// The job's owner.
+    #[arg(long, default_value = "local")]
+    user: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ApiArgs {
+    #[command(flatten)]
+    conn: ConnectionArgs,
+    #[command(flatten)]
+    pricing: PricingArgs,
+    /// Address to serve the API on.
+    #[arg(long, env = "POPCON_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// The origin clients reach the API at, for absolute URLs in responses (default: each
+    /// request's Host header).
+    #[arg(long, env = "POPCON_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// How long signed image URLs stay valid.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    signed_url_ttl: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UsersCommand {
+    /// Add an API user and print its token (shown once; only its hash is stored).
+    Add {
+        #[command(flatten)]
+        conn: ConnectionArgs,
+        /// The user's name (its id: 1-64 of [A-Za-z0-9_.@-]).
+        name: String,
+        /// May use the admin routes.
+        #[arg(long)]
+        admin: bool,
+        /// Sign-up credits.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..))]
+        credits: i64,
+        /// Print `{"token": ...}` instead of the bare token.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CreditsCommand {
+    /// A user's balance.
+    Show {
+        #[command(flatten)]
+        conn: ConnectionArgs,
+        user: String,
+    },
+    /// Add credits to a user's balance.
+    Grant {
+        #[command(flatten)]
+        conn: ConnectionArgs,
+        user: String,
+        #[arg(value_parser = clap::value_parser!(i64).range(1..))]
+        amount: i64,
+        #[arg(long, default_value = "granted by an operator")]
+        reason: String,
+    },
 }
 
 #[derive(Args, Debug)]
 pub struct GenerateSetArgs {
     #[command(flatten)]
     conn: ConnectionArgs,
+    #[command(flatten)]
+    pricing: PricingArgs,
     /// What the emoji show, e.g. "a red fox".
     #[arg(long)]
     subject: String,
@@ -217,9 +342,78 @@ async fn wait_for_signal() {
     }
 }
 
+fn enqueue_failure(e: EnqueueError) -> Failure {
+    if e.is_bad_input()
+        || matches!(
+            e,
+            EnqueueError::InsufficientCredits { .. } | EnqueueError::OffHours { .. }
+        )
+    {
+        Failure::Usage(e.to_string())
+    } else {
+        Failure::Runtime(e.into())
+    }
+}
+
+async fn enqueuer(conn: &ConnectionArgs, pricing: &PricingArgs) -> Result<Enqueuer, Failure> {
+    let store = store(conn).await?;
+    let queue = queue(conn).await?;
+    let blobs = Blobs::open(&connection(conn)?.blobs_config())
+        .context("opening the results folder")
+        .map_err(Failure::Runtime)?;
+    Ok(Enqueuer::new(store, queue, blobs, pricing.config()))
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<(), Failure> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).map_err(|e| Failure::Runtime(e.into()))?
+    );
+    Ok(())
+}
+
 /// `popcon-worker enqueue …`.
 pub fn enqueue(command: EnqueueCommand) -> Result<(), Failure> {
-    let EnqueueCommand::GenerateSet(a) = command;
+    match command {
+        EnqueueCommand::GenerateSet(a) => enqueue_set(a),
+        EnqueueCommand::Retry(a) => enqueue_action(a, Action::Retry),
+        EnqueueCommand::Regenerate(a) => enqueue_action(a, Action::Regenerate),
+        EnqueueCommand::Approve(a) => enqueue_action(a, Action::Approve),
+        EnqueueCommand::ApproveAll(a) => runtime()?.block_on(async {
+            let enq = enqueuer(&a.conn, &a.pricing).await?;
+            let reply = enq
+                .approve_all(&a.user, &a.job_id)
+                .await
+                .map_err(enqueue_failure)?;
+            action_result(reply)
+        }),
+    }
+}
+
+fn enqueue_action(a: EmojiActionArgs, action: Action) -> Result<(), Failure> {
+    runtime()?.block_on(async {
+        let enq = enqueuer(&a.conn, &a.pricing).await?;
+        let reply = enq
+            .emoji_action(&a.user, &a.job_id, action, a.idx)
+            .await
+            .map_err(enqueue_failure)?;
+        action_result(reply)
+    })
+}
+
+/// Prints the reply; a duplicate or wrong state is exit 1 (nothing was done).
+fn action_result(reply: ActionReply) -> Result<(), Failure> {
+    print_json(&reply)?;
+    match reply {
+        ActionReply::Queued { .. } => Ok(()),
+        ActionReply::Duplicate { .. } => Err(Failure::Runtime(anyhow::anyhow!(
+            "duplicate: the same action was requested less than 30 s ago"
+        ))),
+        ActionReply::WrongState { message, .. } => Err(Failure::Runtime(anyhow::anyhow!(message))),
+    }
+}
+
+fn enqueue_set(a: GenerateSetArgs) -> Result<(), Failure> {
     let reference = match &a.image {
         Some(p) => Some(std::fs::read(p).map_err(|e| {
             Failure::Usage(format!("--image {}: cannot read it: {e}", p.display()))
@@ -241,27 +435,128 @@ pub fn enqueue(command: EnqueueCommand) -> Result<(), Failure> {
         reference,
     };
     runtime()?.block_on(async {
-        let store = store(&a.conn).await?;
-        let queue = queue(&a.conn).await?;
-        let blobs = Blobs::open(&connection(&a.conn)?.blobs_config())
-            .context("opening the results folder")
-            .map_err(Failure::Runtime)?;
-        let rec = enqueue::generate_set(&store, &queue, &blobs, &req)
-            .await
-            .map_err(|e| {
-                if e.is_bad_input() {
-                    Failure::Usage(e.to_string())
-                } else {
-                    Failure::Runtime(e.into())
-                }
-            })?;
+        let enq = enqueuer(&a.conn, &a.pricing).await?;
+        let submitted = enq.generate_set(&req).await.map_err(enqueue_failure)?;
         if a.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&rec).map_err(|e| Failure::Runtime(e.into()))?
-            );
+            print_json(&submitted.job)?;
         } else {
-            println!("{}", rec.id);
+            println!("{}", submitted.job.id);
+        }
+        if let Some(c) = &submitted.charged {
+            eprintln!("charged {} credits; balance {}", c.amount, c.balance);
+        }
+        Ok(())
+    })
+}
+
+/// `popcon-worker api`.
+pub fn api(a: ApiArgs) -> Result<(), Failure> {
+    let conn = connection(&a.conn)?;
+    if conn.url_secret.is_none() {
+        tracing::warn!(
+            "POPCON_URL_SECRET is not set: signed image URLs use a random per-process secret and \
+             stop working when this process restarts (and on other API processes)"
+        );
+    }
+    runtime()?.block_on(async move {
+        let enq = enqueuer(&a.conn, &a.pricing).await?;
+        let cfg = ApiConfig {
+            public_url: a.public_url.clone(),
+            signed_url_ttl: a.signed_url_ttl,
+            ..ApiConfig::default()
+        };
+        let state = ApiState::new(enq, cfg)
+            .context("preparing the API")
+            .map_err(Failure::Runtime)?;
+        let (trigger, shutdown) = shutdown_channel();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown signal received; finishing requests in flight");
+            trigger.trigger();
+        });
+        let app = popcon_worker::http::with_fallbacks(popcon_worker::http::api::routes(state));
+        let (addr, task) = popcon_worker::http::serve_router(a.listen, app, shutdown)
+            .await
+            .context("starting the API")
+            .map_err(Failure::Runtime)?;
+        tracing::info!(%addr, "API ready");
+        task.await
+            .context("API server task")
+            .map_err(Failure::Runtime)?;
+        Ok(())
+    })
+}
+
+/// `popcon-worker users …`.
+pub fn users(command: UsersCommand) -> Result<(), Failure> {
+    let UsersCommand::Add {
+        conn,
+        name,
+        admin,
+        credits,
+        json,
+    } = command;
+    popcon_worker::auth::check_user_name(&name).map_err(Failure::Usage)?;
+    runtime()?.block_on(async {
+        let store = store(&conn).await?;
+        let (_, token) = popcon_worker::auth::add_user(&store, &name, admin, credits)
+            .await
+            .map_err(|e| match e {
+                popcon_worker::store::StoreError::Conflict(_) => {
+                    Failure::Usage(format!("user `{name}` already exists"))
+                }
+                other => Failure::Runtime(anyhow::Error::from(other).context("adding the user")),
+            })?;
+        if json {
+            println!("{}", serde_json::json!({ "user": name, "token": token }));
+        } else {
+            println!("{token}");
+        }
+        Ok(())
+    })
+}
+
+/// `popcon-worker credits …`.
+pub fn credits(command: CreditsCommand) -> Result<(), Failure> {
+    runtime()?.block_on(async {
+        match command {
+            CreditsCommand::Show { conn, user } => {
+                let store = store(&conn).await?;
+                if store
+                    .get_user(&user)
+                    .await
+                    .context("reading the user")
+                    .map_err(Failure::Runtime)?
+                    .is_none()
+                {
+                    return Err(Failure::Usage(format!("no user `{user}`")));
+                }
+                let b = store
+                    .balance(&user)
+                    .await
+                    .context("reading the balance")
+                    .map_err(Failure::Runtime)?;
+                println!("{b}");
+            }
+            CreditsCommand::Grant {
+                conn,
+                user,
+                amount,
+                reason,
+            } => {
+                let key = format!("grant:{}", uuid::Uuid::new_v4().simple());
+                let out = store(&conn)
+                    .await?
+                    .grant(&user, amount, &reason, &key)
+                    .await
+                    .map_err(|e| match e {
+                        popcon_worker::store::StoreError::UnknownUser(u) => {
+                            Failure::Usage(format!("no user `{u}`"))
+                        }
+                        other => Failure::Runtime(other.into()),
+                    })?;
+                println!("{}", out.balance());
+            }
         }
         Ok(())
     })

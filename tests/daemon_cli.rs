@@ -35,7 +35,9 @@ impl Env {
             "DATABASE_URL",
             format!("sqlite://{}", self.dir.path().join("popcon.db").display()),
         )
-        .env("POPCON_RESULTS", self.dir.path().join("results"));
+        .env("POPCON_RESULTS", self.dir.path().join("results"))
+        // These tests are about the daemon, not credits: enqueue for free (no user needed).
+        .env("POPCON_PRICES", "generate_set=0,retry=0,regenerate=0");
         c
     }
 
@@ -341,7 +343,8 @@ fn bare_cmd(dir: &Path, port: u16) -> Command {
         "DATABASE_URL",
         format!("sqlite://{}", dir.join("popcon.db").display()),
     )
-    .env("POPCON_RESULTS", dir.join("results"));
+    .env("POPCON_RESULTS", dir.join("results"))
+    .env("POPCON_PRICES", "generate_set=0,retry=0,regenerate=0");
     c
 }
 

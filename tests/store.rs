@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use popcon_worker::job::{EmojiStatus, JobStatus};
+use popcon_worker::job::{Action, EmojiStatus, JobStatus, charge_key};
 use popcon_worker::store::{
-    BackendKind, EmojiOutcome, EmojiRecord, JobRecord, LedgerOutcome, NewJob, PreflipOutcome,
-    StartOutcome, Store, StoreError, StoreOptions, Thumbnail, ThumbnailSource, WriteOutcome,
-    thumbnail_source,
+    BackendKind, Charge, EmojiOutcome, EmojiRecord, JobRecord, LedgerOutcome, NewJob,
+    PreflipOutcome, RefundOutcome, StartOutcome, Store, StoreError, StoreOptions, Thumbnail,
+    ThumbnailSource, WriteOutcome, thumbnail_source,
 };
 use sqlx::{Connection, Executor};
 
@@ -203,6 +203,8 @@ conformance!(
     fifty_concurrent_charges_never_overdraw,
     ledger_idempotency_and_refund_exactly_once,
     users_by_token_hash,
+    charged_preflip_is_one_transaction_and_refunds_once,
+    charged_job_creation_and_bump_done,
     list_jobs_newest_first_per_user,
     migrations_rerun_cleanly_and_refuse_a_changed_one,
 );
@@ -989,6 +991,206 @@ async fn ledger_idempotency_and_refund_exactly_once(ctx: Ctx) {
     }
     assert_eq!(s.balance("ghost").await.unwrap(), 0);
     assert_eq!(s.balance("v").await.unwrap(), 0);
+}
+
+fn charge<'a>(user: &'a str, amount: i64) -> Charge<'a> {
+    Charge {
+        user_id: user,
+        amount,
+        reason: "test",
+    }
+}
+
+async fn charged_preflip_is_one_transaction_and_refunds_once(ctx: Ctx) {
+    let s = ctx.store.clone();
+    s.create_user("u", "hash-u", false).await.unwrap();
+    s.grant("u", 3, "sign-up", "g").await.unwrap();
+    s.create_job(&new_job("j", "u", 2)).await.unwrap();
+    start(&s, "j", 0, 1).await;
+    fail(&s, "j", 0, 1).await;
+    let failed = [EmojiStatus::Failed];
+
+    // 50 concurrent charged flips of one failed row: one flip, one charge.
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.preflip_charged("j", 0, &failed, false, Action::Retry, charge("u", 1))
+                .await
+                .unwrap()
+        }));
+    }
+    let mut won = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            (PreflipOutcome::Flipped { fence }, Some(c)) => won.push((fence, c)),
+            (PreflipOutcome::WrongState(EmojiStatus::Pending), None) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(won.len(), 1);
+    let (fence, charged) = won.remove(0);
+    assert_eq!(fence, 2);
+    assert_eq!(charged.key, charge_key("j", Action::Retry, Some(0), 2));
+    assert_eq!((charged.amount, charged.balance), (1, 2));
+    assert_eq!(s.balance("u").await.unwrap(), 2);
+
+    // The dispatch failed: revert (only from exactly the flipped state), refund once.
+    assert!(
+        !s.revert_preflip(
+            "j",
+            0,
+            1,
+            EmojiStatus::Pending,
+            EmojiStatus::Failed,
+            Some("e")
+        )
+        .await
+        .unwrap(),
+        "an older fence does not revert"
+    );
+    assert!(
+        s.revert_preflip(
+            "j",
+            0,
+            2,
+            EmojiStatus::Pending,
+            EmojiStatus::Failed,
+            Some("boom")
+        )
+        .await
+        .unwrap()
+    );
+    let row = job(&s, "j").await.emoji[0].clone();
+    assert_eq!(row.status, EmojiStatus::Failed);
+    assert_eq!(row.error.as_deref(), Some("boom"));
+    assert_eq!(
+        row.fence, 3,
+        "a reverted flip moves the fence on, so a late entry is stale"
+    );
+    assert!(
+        !s.revert_preflip("j", 0, 2, EmojiStatus::Pending, EmojiStatus::Failed, None)
+            .await
+            .unwrap()
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (s, key) = (s.clone(), charged.key.clone());
+        tasks.push(tokio::spawn(async move {
+            s.refund_charge(&key, "dispatch failed").await.unwrap()
+        }));
+    }
+    let mut refunded = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            RefundOutcome::Refunded {
+                user_id,
+                amount,
+                balance,
+            } => {
+                assert_eq!((user_id.as_str(), amount, balance), ("u", 1, 3));
+                refunded += 1;
+            }
+            RefundOutcome::AlreadyRefunded => {}
+            RefundOutcome::NoCharge => panic!("the charge exists"),
+        }
+    }
+    assert_eq!(refunded, 1);
+    assert_eq!(s.balance("u").await.unwrap(), 3);
+    assert_eq!(
+        s.refund_charge("charge:none", "x").await.unwrap(),
+        RefundOutcome::NoCharge
+    );
+    assert!(
+        s.refund_charge("g", "x").await.is_err(),
+        "a grant is not a charge"
+    );
+
+    // A refused charge leaves the row as it was.
+    let err = s
+        .preflip_charged("j", 0, &failed, false, Action::Retry, charge("u", 50))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::InsufficientCredits {
+                balance: 3,
+                needed: 50
+            }
+        ),
+        "{err}"
+    );
+    let row = job(&s, "j").await.emoji[0].clone();
+    assert_eq!((row.status, row.fence), (EmojiStatus::Failed, 3));
+    // Wrong state: neither flip nor charge.
+    assert_eq!(
+        s.preflip_charged("j", 1, &failed, false, Action::Retry, charge("u", 1))
+            .await
+            .unwrap(),
+        (PreflipOutcome::WrongState(EmojiStatus::Pending), None)
+    );
+    assert_eq!(s.balance("u").await.unwrap(), 3);
+}
+
+async fn charged_job_creation_and_bump_done(ctx: Ctx) {
+    let s = ctx.store.clone();
+    s.create_user("u", "hash-u", false).await.unwrap();
+    s.grant("u", 5, "sign-up", "g").await.unwrap();
+    let (rec, charged) = s
+        .create_job_charged(&new_job("a", "u", 3), charge("u", 3))
+        .await
+        .unwrap();
+    assert_eq!(rec.emoji.len(), 3);
+    assert_eq!(charged.key, charge_key("a", Action::GenerateSet, None, 1));
+    assert_eq!(charged.balance, 2);
+    // Too few credits: no job, no rows, no entry.
+    let err = s
+        .create_job_charged(&new_job("b", "u", 3), charge("u", 3))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::InsufficientCredits { .. }),
+        "{err}"
+    );
+    assert!(s.get_job("b").await.unwrap().is_none());
+    assert!(matches!(
+        s.create_job_charged(&new_job("c", "ghost", 1), charge("ghost", 1))
+            .await
+            .unwrap_err(),
+        StoreError::UnknownUser(_)
+    ));
+    assert!(s.get_job("c").await.unwrap().is_none());
+    assert_eq!(s.balance("u").await.unwrap(), 2);
+
+    // approve-all's pre-flip: only done rows move, each charged once under its new fence.
+    for idx in [0, 2] {
+        start(&s, "a", idx, 1).await;
+        finish(&s, "a", idx, 1).await;
+    }
+    let (bumped, charges) = s
+        .bump_done("a", Some(charge("u", 1)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(bumped, vec![(0, 2), (2, 2)]);
+    assert_eq!(
+        charges.iter().map(|c| c.key.clone()).collect::<Vec<_>>(),
+        vec![
+            charge_key("a", Action::ApproveAll, Some(0), 2),
+            charge_key("a", Action::ApproveAll, Some(2), 2)
+        ]
+    );
+    assert_eq!(s.balance("u").await.unwrap(), 0);
+    let j = job(&s, "a").await;
+    assert_eq!(j.emoji[0].status, EmojiStatus::Done, "the status is kept");
+    // Not enough for another round: nothing bumped.
+    assert!(matches!(
+        s.bump_done("a", Some(charge("u", 1))).await.unwrap_err(),
+        StoreError::InsufficientCredits { .. }
+    ));
+    assert_eq!(job(&s, "a").await.emoji[0].fence, 2);
+    assert_eq!(s.bump_done("zzz", None).await.unwrap(), None);
 }
 
 async fn users_by_token_hash(ctx: Ctx) {

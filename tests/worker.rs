@@ -57,9 +57,7 @@ fn config_for(redis: &RedisServer, dir: &std::path::Path, consumer: &str) -> Wor
         store: StoreConfig {
             url: format!("sqlite://{}", dir.join("popcon.db").display()),
         },
-        blobs: BlobsConfig {
-            root: dir.join("results"),
-        },
+        blobs: BlobsConfig::at(dir.join("results")),
         engine: EngineConfig {
             model: "tiny".into(),
             models_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/models").into(),
@@ -211,11 +209,10 @@ async fn happy_path_generate_set_end_to_end() {
         .as_deref()
         .expect("thumbnail key set with emoji 0");
     assert!(blobs.local_path(thumb_key).unwrap().exists());
-    assert!(
-        done.thumbnail_path
-            .as_deref()
-            .unwrap()
-            .starts_with("file://")
+    // The public path the API serves thumbnails under, naming the same object.
+    assert_eq!(
+        done.thumbnail_path.as_deref(),
+        Some(format!("/files/{thumb_key}").as_str())
     );
     assert!(done.pose_key.is_some());
     // One pose run and one batch for all three emoji.

@@ -74,7 +74,7 @@ use serde::Serialize;
 use sqlx::SqlSafeStr;
 use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 
-use crate::job::{EmojiStatus, JobStatus, MAX_EMOJI};
+use crate::job::{Action, EmojiStatus, JobStatus, MAX_EMOJI};
 
 pub use error::{StoreError, StoreResult};
 pub use thumbnail::{ThumbnailSource, thumbnail_source};
@@ -218,6 +218,43 @@ impl LedgerOutcome {
             }
         }
     }
+}
+
+/// A credit charge taken in the same transaction as the write it pays for (job creation,
+/// pre-flip), so the two commit together or not at all. Its idempotency key is derived from
+/// the action and fence ([`crate::job::charge_key`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charge<'a> {
+    pub user_id: &'a str,
+    /// Credits to take (> 0).
+    pub amount: i64,
+    /// The ledger entry's reason.
+    pub reason: &'a str,
+}
+
+/// A charge that was taken (or had been taken already under the same key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Charged {
+    /// Its idempotency key: refund it with [`Store::refund_charge`].
+    pub key: String,
+    pub amount: i64,
+    /// The user's balance after it.
+    pub balance: i64,
+}
+
+/// What [`Store::refund_charge`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundOutcome {
+    /// The charge was given back now.
+    Refunded {
+        user_id: String,
+        amount: i64,
+        balance: i64,
+    },
+    /// It had been refunded before (by another path): nothing written.
+    AlreadyRefunded,
+    /// No charge with that key (a free action, or one enqueued without charging).
+    NoCharge,
 }
 
 /// Which database a [`Store`] talks to.
@@ -393,7 +430,29 @@ impl Store {
                 job.labels.len()
             )));
         }
-        with_retry!(self, |b| b.create_job(job))
+        Ok(with_retry!(self, |b| b.create_job(job, None))?.0)
+    }
+
+    /// [`Store::create_job`] and a charge for it, in one transaction: a refused charge
+    /// ([`StoreError::InsufficientCredits`], [`StoreError::UnknownUser`]) creates nothing. The
+    /// charge's key is `charge:{job_id}:generate_set:-:1`.
+    pub async fn create_job_charged(
+        &self,
+        job: &NewJob,
+        charge: Charge<'_>,
+    ) -> StoreResult<(JobRecord, Charged)> {
+        non_empty("job id", &job.id)?;
+        non_empty("user id", &job.user_id)?;
+        positive(charge.amount)?;
+        if job.labels.is_empty() || job.labels.len() > MAX_EMOJI as usize {
+            return Err(StoreError::invalid(format!(
+                "a job needs 1 to {MAX_EMOJI} emoji labels, got {}",
+                job.labels.len()
+            )));
+        }
+        let (rec, charged) = with_retry!(self, |b| b.create_job(job, Some(&charge)))?;
+        let charged = charged.ok_or_else(|| StoreError::Corrupt("charge not recorded".into()))?;
+        Ok((rec, charged))
     }
 
     /// The job and its emoji rows, read from one snapshot (so a reader never sees emoji 0 done
@@ -527,7 +586,7 @@ impl Store {
                 "preflip needs at least one expected status",
             ));
         }
-        with_retry!(self, |b| b.preflip(job_id, idx, expected, false))
+        Ok(with_retry!(self, |b| b.preflip(job_id, idx, expected, false, None))?.0)
     }
 
     /// Like [`Store::preflip_emoji`] but keeps the status: only the fence moves. For actions
@@ -544,7 +603,69 @@ impl Store {
                 "bump_fence needs at least one expected status",
             ));
         }
-        with_retry!(self, |b| b.preflip(job_id, idx, expected, true))
+        Ok(with_retry!(self, |b| b.preflip(job_id, idx, expected, true, None))?.0)
+    }
+
+    /// The pre-flip ([`Store::preflip_emoji`], or [`Store::bump_fence`] with `keep_status`)
+    /// and, when it flips, `charge` for `action` on the new fence, in ONE transaction: both
+    /// or neither. A refused charge leaves the row untouched. The charge key is
+    /// `charge:{job_id}:{action}:{idx}:{new fence}`.
+    pub async fn preflip_charged(
+        &self,
+        job_id: &str,
+        idx: u32,
+        expected: &[EmojiStatus],
+        keep_status: bool,
+        action: Action,
+        charge: Charge<'_>,
+    ) -> StoreResult<(PreflipOutcome, Option<Charged>)> {
+        if expected.is_empty() {
+            return Err(StoreError::invalid(
+                "preflip needs at least one expected status",
+            ));
+        }
+        positive(charge.amount)?;
+        with_retry!(self, |b| b.preflip(
+            job_id,
+            idx,
+            expected,
+            keep_status,
+            Some((action, &charge))
+        ))
+    }
+
+    /// approve-all's pre-flip: bumps the fence of every `done` row (status kept) and, with
+    /// `charge`, charges each bumped row once (`charge:{job_id}:approve_all:{idx}:{fence}`), in
+    /// one transaction. Returns the bumped `(idx, new fence)` pairs and the charges, or `None`
+    /// when the job does not exist.
+    pub async fn bump_done(
+        &self,
+        job_id: &str,
+        charge: Option<Charge<'_>>,
+    ) -> StoreResult<Option<(Vec<(u32, u64)>, Vec<Charged>)>> {
+        if let Some(c) = &charge {
+            positive(c.amount)?;
+        }
+        with_retry!(self, |b| b.bump_done(job_id, charge.as_ref()))
+    }
+
+    /// Undoes a pre-flip whose entry could not be dispatched: if the row still carries `fence`
+    /// and the status the flip gave it (`flipped_to`), it goes back to `restore` with `error`,
+    /// and its fence moves on once more (so an entry that did reach the stream after all is
+    /// stale). Returns false — nothing changed — when the row has moved on, e.g. a worker
+    /// already started it: then the dispatch did happen.
+    pub async fn revert_preflip(
+        &self,
+        job_id: &str,
+        idx: u32,
+        fence: u64,
+        flipped_to: EmojiStatus,
+        restore: EmojiStatus,
+        error: Option<&str>,
+    ) -> StoreResult<bool> {
+        let fence = fence_param(fence)?;
+        with_retry!(self, |b| b
+            .revert_preflip(job_id, idx, fence, flipped_to, restore, error))
     }
 
     // ---- credits -----------------------------------------------------------------------
@@ -590,6 +711,19 @@ impl Store {
         idem_key: &str,
     ) -> StoreResult<LedgerOutcome> {
         self.refund(user_id, amount, reason, idem_key).await
+    }
+
+    /// Gives back the charge recorded under `charge_key`, to the user it was taken from and
+    /// for the amount taken, at most once (the refund's key is
+    /// [`crate::job::refund_key`]`(charge_key)`), whichever path asks first: the API's
+    /// compensating rollback or the worker's dead letter.
+    pub async fn refund_charge(
+        &self,
+        charge_key: &str,
+        reason: &str,
+    ) -> StoreResult<RefundOutcome> {
+        non_empty("charge key", charge_key)?;
+        with_retry!(self, |b| b.refund_charge(charge_key, reason))
     }
 
     /// The sum of the user's ledger (0 for a user without entries).

@@ -24,11 +24,11 @@ use chrono::{DateTime, Utc};
 use sqlx::{Row, Transaction};
 
 use super::{Db, DbRow, Imp, get_ts, sql, text_list, ts};
-use crate::job::{EmojiStatus, JobStatus};
+use crate::job::{self, Action, EmojiStatus, JobStatus};
 use crate::store::{
-    EmojiOutcome, EmojiRecord, JobRecord, LedgerOutcome, NewJob, PreflipOutcome, StartOutcome,
-    StoreError, StoreResult, UserRecord, WriteOutcome, now, parse_emoji_status, parse_job_status,
-    seed_from_db, seed_to_db, stored_u32, stored_u64,
+    Charge, Charged, EmojiOutcome, EmojiRecord, JobRecord, LedgerOutcome, NewJob, PreflipOutcome,
+    RefundOutcome, StartOutcome, StoreError, StoreResult, UserRecord, WriteOutcome, now,
+    parse_emoji_status, parse_job_status, seed_from_db, seed_to_db, stored_u32, stored_u64,
 };
 
 type Tx = Transaction<'static, Db>;
@@ -169,6 +169,103 @@ async fn rollback<T>(tx: Tx, value: T) -> StoreResult<T> {
     Ok(value)
 }
 
+/// Rolls back, then reports `err` (the refusal that made us roll back).
+async fn abort<T>(tx: Tx, err: StoreError) -> StoreResult<T> {
+    tx.rollback().await?;
+    Err(err)
+}
+
+/// One ledger entry inside the caller's transaction. Serializes every ledger write of the user
+/// (the balance read below cannot be invalidated by a concurrent charge before our insert
+/// commits). An existing entry with this idempotency key is `AlreadyApplied` when it is the
+/// same entry (user and amount), else [`StoreError::IdemKeyReused`]. With `must_cover`, an
+/// entry that would take the balance below zero is [`StoreError::InsufficientCredits`]. On
+/// `Err` the caller must roll back.
+async fn ledger_entry(
+    tx: &mut Tx,
+    user_id: &str,
+    delta: i64,
+    reason: &str,
+    idem_key: &str,
+    must_cover: bool,
+    now: DateTime<Utc>,
+) -> StoreResult<LedgerOutcome> {
+    let user = sqlx::query(sql::LOCK_USER)
+        .bind(user_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    if user.is_none() {
+        return Err(StoreError::UnknownUser(user_id.to_owned()));
+    }
+    let existing = sqlx::query("SELECT user_id, delta FROM credit_ledger WHERE idem_key = $1")
+        .bind(idem_key)
+        .fetch_optional(&mut **tx)
+        .await?;
+    if let Some(row) = existing {
+        let same = row.try_get::<String, _>("user_id")? == user_id
+            && row.try_get::<i64, _>("delta")? == delta;
+        return if same {
+            Ok(LedgerOutcome::AlreadyApplied {
+                balance: balance_in(tx, user_id).await?,
+            })
+        } else {
+            Err(StoreError::IdemKeyReused {
+                key: idem_key.to_owned(),
+            })
+        };
+    }
+    let balance = balance_in(tx, user_id).await?;
+    let after = balance
+        .checked_add(delta)
+        .ok_or_else(|| StoreError::invalid("balance would overflow"))?;
+    if must_cover && after < 0 {
+        return Err(StoreError::InsufficientCredits {
+            balance,
+            needed: -delta,
+        });
+    }
+    sqlx::query(
+        "INSERT INTO credit_ledger (user_id, delta, reason, idem_key, created_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(user_id)
+    .bind(delta)
+    .bind(reason)
+    .bind(idem_key)
+    .bind(ts(now))
+    .execute(&mut **tx)
+    .await?;
+    Ok(LedgerOutcome::Applied { balance: after })
+}
+
+/// Takes `charge` under `idem_key` inside the caller's transaction (see [`ledger_entry`]).
+async fn take_charge(
+    tx: &mut Tx,
+    charge: &Charge<'_>,
+    idem_key: String,
+    now: DateTime<Utc>,
+) -> StoreResult<Charged> {
+    let delta = charge
+        .amount
+        .checked_neg()
+        .ok_or_else(|| StoreError::invalid("amount too large"))?;
+    let outcome = ledger_entry(
+        tx,
+        charge.user_id,
+        delta,
+        charge.reason,
+        &idem_key,
+        true,
+        now,
+    )
+    .await?;
+    Ok(Charged {
+        key: idem_key,
+        amount: charge.amount,
+        balance: outcome.balance(),
+    })
+}
+
 impl Imp {
     async fn begin_write(&self) -> StoreResult<Tx> {
         Ok(self.pool.begin_with(sql::BEGIN_WRITE).await?)
@@ -245,9 +342,24 @@ impl Imp {
 
     // ---- jobs ----------------------------------------------------------------------------
 
-    pub(in crate::store) async fn create_job(&self, job: &NewJob) -> StoreResult<JobRecord> {
+    pub(in crate::store) async fn create_job(
+        &self,
+        job: &NewJob,
+        charge: Option<&Charge<'_>>,
+    ) -> StoreResult<(JobRecord, Option<Charged>)> {
         let now = now();
         let mut tx = self.begin_write().await?;
+        // The charge first: a refused charge (unknown user, too few credits) creates nothing.
+        let charged = match charge {
+            Some(c) => {
+                let key = job::charge_key(&job.id, Action::GenerateSet, None, 1);
+                match take_charge(&mut tx, c, key, now).await {
+                    Ok(ch) => Some(ch),
+                    Err(e) => return abort(tx, e).await,
+                }
+            }
+            None => None,
+        };
         sqlx::query(concat!(
             "INSERT INTO jobs (",
             job_cols!(),
@@ -291,7 +403,7 @@ impl Imp {
             });
         }
         tx.commit().await?;
-        Ok(JobRecord {
+        let rec = JobRecord {
             id: job.id.clone(),
             user_id: job.user_id.clone(),
             status: JobStatus::Pending,
@@ -306,7 +418,8 @@ impl Imp {
             created_at: now,
             updated_at: now,
             emoji,
-        })
+        };
+        Ok((rec, charged))
     }
 
     pub(in crate::store) async fn get_job(&self, id: &str) -> StoreResult<Option<JobRecord>> {
@@ -670,12 +783,13 @@ impl Imp {
         idx: u32,
         expected: &[EmojiStatus],
         keep_status: bool,
-    ) -> StoreResult<PreflipOutcome> {
+        charge: Option<(Action, &Charge<'_>)>,
+    ) -> StoreResult<(PreflipOutcome, Option<Charged>)> {
         let now = now();
         let expected: Vec<&str> = expected.iter().map(|s| s.as_str()).collect();
         let mut tx = self.begin_write().await?;
         if !lock_job(&mut tx, job_id).await? {
-            return rollback(tx, PreflipOutcome::Missing).await;
+            return rollback(tx, (PreflipOutcome::Missing, None)).await;
         }
         // The decision is this one statement: of concurrent callers, the first to update the
         // row changes its status (or fence) and every later one no longer matches `expected`
@@ -704,9 +818,21 @@ impl Imp {
                     &r.try_get::<String, _>("status")?,
                 )?),
             };
-            return rollback(tx, outcome).await;
+            return rollback(tx, (outcome, None)).await;
         };
         let fence = stored_u64(row.try_get("fence")?, "fence")?;
+        // Charged in the flip's transaction, under a key named by the new fence: both or
+        // neither commit, and the worker can name this charge from the message alone.
+        let charged = match charge {
+            Some((action, c)) => {
+                let key = job::charge_key(job_id, action, Some(idx), fence);
+                match take_charge(&mut tx, c, key, now).await {
+                    Ok(ch) => Some(ch),
+                    Err(e) => return abort(tx, e).await,
+                }
+            }
+            None => None,
+        };
         if !keep_status {
             // Work is queued again: a settled job is no longer settled.
             sqlx::query(
@@ -719,7 +845,88 @@ impl Imp {
             .await?;
         }
         tx.commit().await?;
-        Ok(PreflipOutcome::Flipped { fence })
+        Ok((PreflipOutcome::Flipped { fence }, charged))
+    }
+
+    pub(in crate::store) async fn bump_done(
+        &self,
+        job_id: &str,
+        charge: Option<&Charge<'_>>,
+    ) -> StoreResult<Option<(Vec<(u32, u64)>, Vec<Charged>)>> {
+        let now = now();
+        let mut tx = self.begin_write().await?;
+        if !lock_job(&mut tx, job_id).await? {
+            return rollback(tx, None).await;
+        }
+        let rows = sqlx::query(
+            "UPDATE emoji_results SET fence = fence + 1, attempts = 0, updated_at = $2 \
+             WHERE job_id = $1 AND status = 'done' RETURNING idx, fence",
+        )
+        .bind(job_id)
+        .bind(ts(now))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut bumped = rows
+            .iter()
+            .map(|r| {
+                Ok((
+                    stored_u32(r.try_get("idx")?, "emoji index")?,
+                    stored_u64(r.try_get("fence")?, "fence")?,
+                ))
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        bumped.sort_unstable();
+        let mut charged = Vec::new();
+        if let Some(c) = charge {
+            for &(idx, fence) in &bumped {
+                let key = job::charge_key(job_id, Action::ApproveAll, Some(idx), fence);
+                match take_charge(&mut tx, c, key, now).await {
+                    Ok(ch) => charged.push(ch),
+                    Err(e) => return abort(tx, e).await,
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(Some((bumped, charged)))
+    }
+
+    pub(in crate::store) async fn revert_preflip(
+        &self,
+        job_id: &str,
+        idx: u32,
+        fence: i64,
+        flipped_to: EmojiStatus,
+        restore: EmojiStatus,
+        error: Option<&str>,
+    ) -> StoreResult<bool> {
+        let now = now();
+        let mut tx = self.begin_write().await?;
+        if !lock_job(&mut tx, job_id).await? {
+            return rollback(tx, false).await;
+        }
+        // Only while the row is still exactly as our flip left it: a worker that already
+        // started it (the entry was added after all) keeps it. The fence moves on once more,
+        // so an entry that did reach the stream is stale for good.
+        let n = sqlx::query(
+            "UPDATE emoji_results SET status = $5, error = $6, fence = fence + 1, updated_at = $7 \
+             WHERE job_id = $1 AND idx = $2 AND fence = $3 AND status = $4",
+        )
+        .bind(job_id)
+        .bind(i64::from(idx))
+        .bind(fence)
+        .bind(flipped_to.as_str())
+        .bind(restore.as_str())
+        .bind(error)
+        .bind(ts(now))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            return rollback(tx, false).await;
+        }
+        settle(&mut tx, job_id, now).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     // ---- credits -------------------------------------------------------------------------
@@ -734,58 +941,54 @@ impl Imp {
     ) -> StoreResult<LedgerOutcome> {
         let now = now();
         let mut tx = self.begin_write().await?;
-        // Serializes every ledger write of this user: the balance read below cannot be
-        // invalidated by a concurrent charge before our insert commits.
-        let user = sqlx::query(sql::LOCK_USER)
-            .bind(user_id)
+        match ledger_entry(&mut tx, user_id, delta, reason, idem_key, must_cover, now).await {
+            Ok(o @ LedgerOutcome::Applied { .. }) => {
+                tx.commit().await?;
+                Ok(o)
+            }
+            Ok(o) => rollback(tx, o).await,
+            Err(e) => abort(tx, e).await,
+        }
+    }
+
+    pub(in crate::store) async fn refund_charge(
+        &self,
+        charge_key: &str,
+        reason: &str,
+    ) -> StoreResult<RefundOutcome> {
+        let now = now();
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query("SELECT user_id, delta FROM credit_ledger WHERE idem_key = $1")
+            .bind(charge_key)
             .fetch_optional(&mut *tx)
             .await?;
-        if user.is_none() {
-            tx.rollback().await?;
-            return Err(StoreError::UnknownUser(user_id.to_owned()));
-        }
-        let existing = sqlx::query("SELECT user_id, delta FROM credit_ledger WHERE idem_key = $1")
-            .bind(idem_key)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if let Some(row) = existing {
-            let same = row.try_get::<String, _>("user_id")? == user_id
-                && row.try_get::<i64, _>("delta")? == delta;
-            let balance = balance_in(&mut tx, user_id).await?;
-            tx.rollback().await?;
-            return if same {
-                Ok(LedgerOutcome::AlreadyApplied { balance })
-            } else {
-                Err(StoreError::IdemKeyReused {
-                    key: idem_key.to_owned(),
-                })
-            };
-        }
-        let balance = balance_in(&mut tx, user_id).await?;
-        let Some(after) = balance.checked_add(delta) else {
-            tx.rollback().await?;
-            return Err(StoreError::invalid("balance would overflow"));
+        let Some(row) = row else {
+            return rollback(tx, RefundOutcome::NoCharge).await;
         };
-        if must_cover && after < 0 {
-            tx.rollback().await?;
-            return Err(StoreError::InsufficientCredits {
-                balance,
-                needed: -delta,
-            });
+        let user_id: String = row.try_get("user_id")?;
+        let delta: i64 = row.try_get("delta")?;
+        if delta >= 0 {
+            return abort(
+                tx,
+                StoreError::invalid(format!("`{charge_key}` is not a charge")),
+            )
+            .await;
         }
-        sqlx::query(
-            "INSERT INTO credit_ledger (user_id, delta, reason, idem_key, created_at) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(user_id)
-        .bind(delta)
-        .bind(reason)
-        .bind(idem_key)
-        .bind(ts(now))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(LedgerOutcome::Applied { balance: after })
+        let key = job::refund_key(charge_key);
+        match ledger_entry(&mut tx, &user_id, -delta, reason, &key, false, now).await {
+            Ok(LedgerOutcome::Applied { balance }) => {
+                tx.commit().await?;
+                Ok(RefundOutcome::Refunded {
+                    user_id,
+                    amount: -delta,
+                    balance,
+                })
+            }
+            Ok(LedgerOutcome::AlreadyApplied { .. }) => {
+                rollback(tx, RefundOutcome::AlreadyRefunded).await
+            }
+            Err(e) => abort(tx, e).await,
+        }
     }
 
     pub(in crate::store) async fn balance(&self, user_id: &str) -> StoreResult<i64> {

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub succeeded: AtomicU64,
     pub failed: AtomicU64,
     pub dead_lettered: AtomicU64,
+    pub refunded: AtomicU64,
     pub superseded: AtomicU64,
     pub reclaimed: AtomicU64,
     pub duplicates: AtomicU64,
@@ -80,6 +81,11 @@ impl Metrics {
                 "dead_lettered",
                 "Entries moved to the dead-letter stream",
                 get(&self.dead_lettered),
+            ),
+            (
+                "refunded",
+                "Charges refunded for dead-lettered entries",
+                get(&self.refunded),
             ),
             (
                 "superseded",

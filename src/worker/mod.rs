@@ -58,13 +58,14 @@ use crate::config::WorkerConfig;
 use crate::engine::preset::PresetRegistry;
 use crate::engine::weights::ModelFiles;
 use crate::engine::{Engine, EngineOptions, GenerateRequest, InitImage, Progress, Stage};
-use crate::job::{Action, ValidJob};
+use crate::job::{Action, ValidJob, charge_key};
 use crate::kernels::AlphaKey;
 use crate::pipeline::post::{self, ImageError, ImageLimits};
 use crate::pipeline::prompt::{self, PromptError};
 use crate::queue::{DeadLetterOutcome, Delivery, Lease, OwnedOutcome, Queue, QueueError, RunGuard};
 use crate::store::{
-    EmojiOutcome, JobRecord, StartOutcome, Store, StoreError, StoreOptions, Thumbnail, WriteOutcome,
+    EmojiOutcome, JobRecord, RefundOutcome, StartOutcome, Store, StoreError, StoreOptions,
+    Thumbnail, WriteOutcome,
 };
 use engine_actor::{ActorError, EngineHandle, Rendered, RunControl};
 use metrics::{Metrics, inc};
@@ -592,11 +593,49 @@ impl Worker {
     async fn dead_letter(&self, d: &Delivery, reason: &str, job: Option<&ValidJob>) {
         if let Some(job) = job {
             self.mark_failed(job, reason).await;
+            self.refund(job, reason).await;
         }
         match self.queue.dead_letter(d, reason).await {
             Ok(DeadLetterOutcome::DeadLettered(_)) => inc(&self.metrics.dead_lettered),
             Ok(other) => tracing::info!(outcome = ?other, "dead letter not written"),
             Err(e) => tracing::error!(error = %e, "dead-lettering failed; the entry stays pending"),
+        }
+    }
+
+    /// Gives back what the enqueue side charged for this message: the work will not be done.
+    /// Exactly once however often it is asked (the refund's idempotency key), and nothing
+    /// when the action was free or enqueued without a charge. approve_all charged each row it
+    /// bumped, under the row's fence at the time; rows bumped since were paid for by a newer
+    /// action and are not this message's to refund.
+    async fn refund(&self, job: &ValidJob, reason: &str) {
+        let keys: Vec<String> = if job.action == Action::ApproveAll {
+            match self.store.get_job(&job.job_id).await {
+                Ok(Some(rec)) => rec
+                    .emoji
+                    .iter()
+                    .map(|e| charge_key(&job.job_id, Action::ApproveAll, Some(e.idx), e.fence))
+                    .collect(),
+                Ok(None) => Vec::new(),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not read the job to refund approve_all");
+                    Vec::new()
+                }
+            }
+        } else {
+            vec![job.charge_key()]
+        };
+        let why = format!("refund: {reason}");
+        for key in keys {
+            match self.store.refund_charge(&key, &why).await {
+                Ok(RefundOutcome::Refunded {
+                    user_id, amount, ..
+                }) => {
+                    inc(&self.metrics.refunded);
+                    tracing::info!(%user_id, amount, charge = %key, "charge refunded");
+                }
+                Ok(RefundOutcome::AlreadyRefunded | RefundOutcome::NoCharge) => {}
+                Err(e) => tracing::error!(error = %e, charge = %key, "could not refund the charge"),
+            }
         }
     }
 
@@ -749,7 +788,7 @@ impl Worker {
                 seed,
                 thumbnail: (idx == 0)
                     .then(|| {
-                        self.blobs.url_for(&thumb_key).map(|path| Thumbnail {
+                        self.blobs.public_url(&thumb_key).map(|path| Thumbnail {
                             path,
                             key: thumb_key.clone(),
                         })

@@ -1,5 +1,5 @@
-//! The HTTP layer (axum): today `/healthz`, `/readyz` and `/metrics` for the daemon; the
-//! enqueue API adds its routes to the same [`Router`].
+//! The HTTP layer (axum): the daemon's probes (`/healthz`, `/readyz`, `/metrics`, here) and
+//! the enqueue API ([`api`]: routes, the archive, image files; [`download`]: the streamed zip).
 //!
 //! # Shape
 //!
@@ -28,6 +28,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use crate::worker::{Shutdown, Worker};
+
+pub mod api;
+pub mod download;
 
 /// What the handlers read. The server starts before the model loads (a long load must not
 /// look like a dead process to a liveness probe), so the worker is filled in later; until
@@ -82,9 +85,15 @@ pub enum ApiError {
     /// The route exists, the method does not (405).
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// The resource is not in a state that allows this (409), e.g. nothing to download yet.
+    #[error("{0}")]
+    Conflict(String),
     /// The request body is too large (413).
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The body's Content-Type is not one this route reads (415).
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// Come back later, e.g. off-hours (429 with `Retry-After`).
     #[error("{message}")]
     TooManyRequests {
@@ -108,7 +117,9 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -124,7 +135,9 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::TooManyRequests { .. } => "too_many_requests",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
@@ -151,6 +164,10 @@ impl IntoResponse for ApiError {
         }
         let body = serde_json::json!({ "error": self.public_message(), "code": self.code() });
         let mut resp = (status, axum::Json(body)).into_response();
+        if let ApiError::Unauthorized(_) = &self {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if let ApiError::TooManyRequests { retry_after, .. } = &self {
             // Whole seconds, rounded up: `Retry-After: 0` would invite an immediate retry.
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
