@@ -1,0 +1,1268 @@
+//! The enqueue API over a real socket: the server runs in process on 127.0.0.1:0 against a
+//! real `redis-server` (one per test) and a real SQLite file; requests go through a real HTTP
+//! client (ureq) from plain threads. Where a test needs the work done, a real worker with the
+//! tiny model runs beside the API. The zip test runs the `api` binary as its own process so
+//! its memory can be measured.
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use common::redis_server::RedisServer;
+use popcon_worker::blobs::{self, Blobs, BlobsConfig};
+use popcon_worker::config::{EngineConfig, RetryConfig, ShutdownConfig, StoreConfig, WorkerConfig};
+use popcon_worker::enqueue::{DispatchHook, EnqueueConfig, Enqueuer, Prices};
+use popcon_worker::http::api::{ApiConfig, ApiState};
+use popcon_worker::job::EmojiStatus;
+use popcon_worker::pipeline::post;
+use popcon_worker::queue::{Queue, QueueConfig};
+use popcon_worker::store::{EmojiOutcome, Store, Thumbnail};
+use popcon_worker::worker::{ShutdownTrigger, Worker, shutdown_channel};
+use serde_json::{Value, json};
+
+const SECRET: &str = "api-test-secret-0123456789";
+
+struct Api {
+    rt: tokio::runtime::Runtime,
+    redis: Arc<Mutex<RedisServer>>,
+    dir: tempfile::TempDir,
+    base: String,
+    store: Store,
+    queue: Queue,
+    blobs: Blobs,
+    stop: ShutdownTrigger,
+    worker: Option<(ShutdownTrigger, tokio::task::JoinHandle<()>)>,
+}
+
+#[derive(Default)]
+struct Options {
+    hook: Option<DispatchHook>,
+    worker: bool,
+    /// Make every upload of the worker fail (a file where the `jobs/` folder should be).
+    break_uploads: bool,
+}
+
+fn db_url(dir: &Path) -> String {
+    format!("sqlite://{}", dir.join("popcon.db").display())
+}
+
+fn blobs_config(dir: &Path) -> BlobsConfig {
+    BlobsConfig {
+        url_secret: Some(SECRET.into()),
+        ..BlobsConfig::at(dir.join("results"))
+    }
+}
+
+fn queue_config(redis: &str) -> QueueConfig {
+    QueueConfig {
+        redis_url: redis.to_string(),
+        consumer: "api-test".into(),
+        connect_patience: Duration::from_secs(10),
+        lease: Duration::from_millis(1500),
+        block: Duration::from_millis(200),
+        max_deliveries: 3,
+        ..QueueConfig::default()
+    }
+}
+
+impl Api {
+    fn start() -> Api {
+        Api::start_with(Options::default())
+    }
+
+    fn start_with(opts: Options) -> Api {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .unwrap();
+        let redis = Arc::new(Mutex::new(RedisServer::start()));
+        let redis_url = redis.lock().unwrap().url();
+        let dir = tempfile::tempdir().unwrap();
+        let (store, queue, blobs) = rt.block_on(async {
+            let store = Store::connect(&db_url(dir.path())).await.unwrap();
+            let queue = Queue::connect(queue_config(&redis_url)).await.unwrap();
+            let blobs = Blobs::open(&blobs_config(dir.path())).unwrap();
+            (store, queue, blobs)
+        });
+        let mut enq = Enqueuer::new(
+            store.clone(),
+            queue.clone(),
+            blobs.clone(),
+            EnqueueConfig {
+                prices: Prices::default(),
+                ..EnqueueConfig::default()
+            },
+        );
+        if let Some(h) = opts.hook {
+            enq = enq.with_dispatch_hook(h);
+        }
+        let state = ApiState::new(enq, ApiConfig::default()).unwrap();
+        let app = popcon_worker::http::with_fallbacks(popcon_worker::http::api::routes(state));
+        let (stop, shutdown) = shutdown_channel();
+        let (addr, _task) = rt
+            .block_on(popcon_worker::http::serve_router(
+                "127.0.0.1:0".parse().unwrap(),
+                app,
+                shutdown,
+            ))
+            .unwrap();
+        if opts.break_uploads {
+            std::fs::create_dir_all(dir.path().join("results")).unwrap();
+            std::fs::write(dir.path().join("results/jobs"), b"not a folder").unwrap();
+        }
+        let mut api = Api {
+            rt,
+            redis,
+            dir,
+            base: format!("http://{addr}"),
+            store,
+            queue,
+            blobs,
+            stop,
+            worker: None,
+        };
+        if opts.worker {
+            api.start_worker();
+        }
+        api
+    }
+
+    fn start_worker(&mut self) {
+        let cfg = WorkerConfig {
+            queue: QueueConfig {
+                consumer: "w1".into(),
+                ..queue_config(&self.redis.lock().unwrap().url())
+            },
+            store: StoreConfig {
+                url: db_url(self.dir.path()),
+            },
+            blobs: blobs_config(self.dir.path()),
+            engine: EngineConfig {
+                model: "tiny".into(),
+                models_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/models").into(),
+                ..EngineConfig::default()
+            },
+            http: Default::default(),
+            shutdown: ShutdownConfig {
+                grace: Duration::from_secs(10),
+            },
+            retry: RetryConfig {
+                base: Duration::from_millis(50),
+                max: Duration::from_millis(200),
+                reclaim_every: Duration::from_millis(200),
+            },
+        };
+        let worker = Arc::new(self.rt.block_on(Worker::start(cfg)).expect("worker starts"));
+        let (trigger, shutdown) = shutdown_channel();
+        let task = self
+            .rt
+            .spawn(async move { worker.run(shutdown).await.expect("worker loop") });
+        self.worker = Some((trigger, task));
+    }
+
+    fn user(&self, name: &str, credits: i64, admin: bool) -> String {
+        self.rt
+            .block_on(popcon_worker::auth::add_user(
+                &self.store,
+                name,
+                admin,
+                credits,
+            ))
+            .unwrap()
+            .1
+    }
+
+    fn balance(&self, user: &str) -> i64 {
+        self.rt.block_on(self.store.balance(user)).unwrap()
+    }
+
+    fn url(&self, path: &str) -> String {
+        if path.starts_with("http") {
+            path.to_string()
+        } else {
+            format!("{}{path}", self.base)
+        }
+    }
+
+    /// Creates a set over the API and returns its id.
+    fn set(&self, token: &str, expressions: &[&str]) -> String {
+        let (status, body) = post_json(
+            &self.url("/api/generate-set"),
+            Some(token),
+            &json!({"subject": "a red fox", "expressions": expressions, "seed": 7}),
+        );
+        assert_eq!(status, 200, "{body}");
+        body["id"].as_str().unwrap().to_string()
+    }
+
+    /// What a worker would do, without one: settle emoji `idx` (fence 1) done, with real PNGs.
+    fn finish(&self, job: &str, idx: u32) {
+        self.rt.block_on(async {
+            let fence = self.store.get_job(job).await.unwrap().unwrap().emoji[idx as usize].fence;
+            self.store.start_emoji(job, idx, fence).await.unwrap();
+            let img = image::RgbaImage::from_pixel(16, 16, image::Rgba([200, 10, 10, 255]));
+            let key = blobs::keys::emoji(job, idx, fence);
+            self.blobs
+                .put(&key, post::encode_png(&img).unwrap())
+                .await
+                .unwrap();
+            let thumb_key = blobs::keys::thumb(job, idx, fence);
+            self.blobs
+                .put(&thumb_key, post::encode_png(&img).unwrap())
+                .await
+                .unwrap();
+            self.store
+                .finish_emoji(&EmojiOutcome {
+                    job_id: job.into(),
+                    idx,
+                    fence,
+                    image_key: key,
+                    seed: 1,
+                    thumbnail: (idx == 0).then(|| Thumbnail {
+                        path: self.blobs.public_url(&thumb_key).unwrap(),
+                        key: thumb_key.clone(),
+                    }),
+                })
+                .await
+                .unwrap();
+        });
+    }
+
+    fn fail(&self, job: &str, idx: u32) {
+        self.rt.block_on(async {
+            let fence = self.store.get_job(job).await.unwrap().unwrap().emoji[idx as usize].fence;
+            self.store.start_emoji(job, idx, fence).await.unwrap();
+            self.store
+                .fail_emoji(job, idx, fence, "the GPU said no")
+                .await
+                .unwrap();
+        });
+    }
+
+    fn row(&self, job: &str, idx: usize) -> popcon_worker::store::EmojiRecord {
+        self.rt
+            .block_on(self.store.get_job(job))
+            .unwrap()
+            .unwrap()
+            .emoji[idx]
+            .clone()
+    }
+
+    fn redis_cmd<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        self.rt.block_on(self.queue.query_idem::<T>(cmd)).unwrap()
+    }
+
+    fn stream_len(&self, lane: &str) -> i64 {
+        self.redis_cmd(redis::cmd("XLEN").arg(format!("popcon:jobs:{lane}")))
+    }
+
+    /// Ledger entries of `user` as (delta, idem_key), oldest first.
+    fn ledger(&self, user: &str) -> Vec<(i64, String)> {
+        self.rt.block_on(async {
+            let pool = sqlx::SqlitePool::connect(&db_url(self.dir.path()))
+                .await
+                .unwrap();
+            let rows: Vec<(i64, String)> = sqlx::query_as(
+                "SELECT delta, idem_key FROM credit_ledger WHERE user_id = ? ORDER BY id",
+            )
+            .bind(user)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+            rows
+        })
+    }
+
+    fn wait_job(&self, token: &str, job: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (status, body) = get(&self.url(&format!("/api/job/{job}")), Some(token));
+            assert_eq!(status, 200, "{body}");
+            if done(&body) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {body}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        if let Some((trigger, task)) = self.worker.take() {
+            trigger.trigger();
+            let _ = self
+                .rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(20), task).await });
+        }
+        self.stop.trigger();
+    }
+}
+
+// ---- a small HTTP client on ureq -------------------------------------------------------------
+
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(60))
+        .build()
+}
+
+fn finish_response(r: Result<ureq::Response, ureq::Error>) -> ureq::Response {
+    match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("transport error: {e}"),
+    }
+}
+
+fn read_json(r: ureq::Response) -> (u16, Value) {
+    let status = r.status();
+    let text = r.into_string().unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, body)
+}
+
+fn authed(req: ureq::Request, token: Option<&str>) -> ureq::Request {
+    match token {
+        Some(t) => req.set("Authorization", &format!("Bearer {t}")),
+        None => req,
+    }
+}
+
+fn get(url: &str, token: Option<&str>) -> (u16, Value) {
+    read_json(finish_response(authed(agent().get(url), token).call()))
+}
+
+fn get_raw(url: &str) -> ureq::Response {
+    finish_response(agent().get(url).call())
+}
+
+fn post_json(url: &str, token: Option<&str>, body: &Value) -> (u16, Value) {
+    read_json(finish_response(
+        authed(agent().post(url), token).send_json(body.clone()),
+    ))
+}
+
+fn post_empty(url: &str, token: Option<&str>) -> (u16, Value) {
+    read_json(finish_response(authed(agent().post(url), token).call()))
+}
+
+fn post_multipart(url: &str, token: &str, parts: &[(&str, &str, &[u8])]) -> (u16, Value) {
+    let boundary = "popconboundary7MA4YWxkTrZu0gW";
+    let mut body = Vec::new();
+    for (name, content_type, data) in parts {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        let filename = if *name == "image" {
+            "; filename=\"ref.png\""
+        } else {
+            ""
+        };
+        body.extend_from_slice(
+            format!("Content-Disposition: form-data; name=\"{name}\"{filename}\r\nContent-Type: {content_type}\r\n\r\n")
+                .as_bytes(),
+        );
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    read_json(finish_response(
+        authed(agent().post(url), Some(token))
+            .set(
+                "Content-Type",
+                &format!("multipart/form-data; boundary={boundary}"),
+            )
+            .send_bytes(&body),
+    ))
+}
+
+/// CRC-32 (IEEE), for forging a PNG chunk that still checks out.
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+fn png(w: u32, h: u32) -> Vec<u8> {
+    post::encode_png(&image::RgbaImage::from_pixel(
+        w,
+        h,
+        image::Rgba([1, 2, 3, 255]),
+    ))
+    .unwrap()
+}
+
+// ---- the dedup layers ------------------------------------------------------------------------
+
+#[test]
+fn fifty_concurrent_retry_clicks_charge_once_queue_once_and_flip_once() {
+    let api = Api::start();
+    let token = api.user("alice", 10, false);
+    let job = api.set(&token, &["happy", "sad"]);
+    assert_eq!(api.balance("alice"), 8, "2 emoji at 1 credit");
+    api.fail(&job, 0);
+    let before = api.stream_len("interactive");
+
+    let barrier = Arc::new(Barrier::new(50));
+    let url = api.url(&format!("/api/retry/{job}?idx=0"));
+    let threads: Vec<_> = (0..50)
+        .map(|_| {
+            let (barrier, url, token) = (barrier.clone(), url.clone(), token.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                post_empty(&url, Some(&token))
+            })
+        })
+        .collect();
+    let replies: Vec<(u16, Value)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let queued: Vec<&Value> = replies
+        .iter()
+        .filter(|(s, b)| *s == 200 && b["status"] == "queued")
+        .map(|(_, b)| b)
+        .collect();
+    let duplicates = replies
+        .iter()
+        .filter(|(s, b)| *s == 200 && b["status"] == "duplicate" && b["deduped"] == true)
+        .count();
+    assert_eq!(queued.len(), 1, "{replies:?}");
+    assert_eq!(duplicates, 49, "{replies:?}");
+    assert_eq!(queued[0]["charged"], 1);
+    assert_eq!(queued[0]["fence"], 2);
+
+    assert_eq!(api.balance("alice"), 7, "exactly one charge");
+    let retry_charges: Vec<_> = api
+        .ledger("alice")
+        .into_iter()
+        .filter(|(_, k)| k.contains(":retry:"))
+        .collect();
+    assert_eq!(retry_charges, vec![(-1, format!("charge:{job}:retry:0:2"))]);
+    assert_eq!(
+        api.stream_len("interactive") - before,
+        1,
+        "exactly one stream entry"
+    );
+    let row = api.row(&job, 0);
+    assert_eq!(
+        (row.status, row.fence),
+        (EmojiStatus::Pending, 2),
+        "one pre-flip"
+    );
+
+    // The claim is kept for its TTL after success: the next click is still a duplicate.
+    let (_, again) = post_empty(&url, Some(&token));
+    assert_eq!(again, json!({"status": "duplicate", "deduped": true}));
+    let ttl: i64 = api.redis_cmd(redis::cmd("TTL").arg(format!("popcon:claim:{job}:retry-0")));
+    assert!((1..=30).contains(&ttl), "claim TTL {ttl}");
+}
+
+#[test]
+fn a_dispatch_failure_refunds_releases_the_claim_and_the_next_click_succeeds() {
+    let armed = Arc::new(AtomicBool::new(false));
+    let slot: Arc<Mutex<Option<Arc<Mutex<RedisServer>>>>> = Arc::new(Mutex::new(None));
+    let hook: DispatchHook = {
+        let (armed, slot) = (armed.clone(), slot.clone());
+        Arc::new(move || {
+            let (armed, slot) = (armed.clone(), slot.clone());
+            Box::pin(async move {
+                // Redis dies between the charge (+ pre-flip) and the XADD.
+                if armed.swap(false, Ordering::SeqCst) {
+                    if let Some(r) = slot.lock().unwrap().as_ref() {
+                        r.lock().unwrap().stop();
+                    }
+                }
+            })
+        })
+    };
+    let api = Api::start_with(Options {
+        hook: Some(hook),
+        ..Options::default()
+    });
+    *slot.lock().unwrap() = Some(api.redis.clone());
+    let token = api.user("bob", 5, false);
+    let job = api.set(&token, &["happy"]);
+    api.fail(&job, 0);
+    let balance = api.balance("bob");
+
+    armed.store(true, Ordering::SeqCst);
+    let (status, body) = post_empty(&api.url(&format!("/api/retry/{job}?idx=0")), Some(&token));
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "unavailable");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("could not be queued"),
+        "{body}"
+    );
+    // Refunded, exactly once, and the ledger balances.
+    assert_eq!(api.balance("bob"), balance);
+    let entries: Vec<_> = api
+        .ledger("bob")
+        .into_iter()
+        .filter(|(_, k)| k.contains(":retry:"))
+        .collect();
+    assert_eq!(
+        entries,
+        vec![
+            (-1, format!("charge:{job}:retry:0:2")),
+            (1, format!("refund:charge:{job}:retry:0:2")),
+        ]
+    );
+    // The row is back where it was, with its error, so the user can click again.
+    let row = api.row(&job, 0);
+    assert_eq!(row.status, EmojiStatus::Failed);
+    assert_eq!(row.error.as_deref(), Some("the GPU said no"));
+
+    api.redis.lock().unwrap().restart();
+    let (status, body) = post_empty(&api.url(&format!("/api/retry/{job}?idx=0")), Some(&token));
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("queued")),
+        "{body}"
+    );
+    assert_eq!(api.balance("bob"), balance - 1);
+    assert_eq!(api.stream_len("interactive"), 1);
+    assert_eq!(api.row(&job, 0).status, EmojiStatus::Pending);
+}
+
+#[test]
+fn a_retry_on_a_done_emoji_is_wrong_state_and_charges_nothing() {
+    let api = Api::start();
+    let token = api.user("carol", 10, false);
+    let job = api.set(&token, &["happy", "sad"]);
+    api.finish(&job, 0);
+    let balance = api.balance("carol");
+    let (status, body) = post_empty(&api.url(&format!("/api/retry/{job}?idx=0")), Some(&token));
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "wrong_state");
+    assert_eq!(body["deduped"], true);
+    assert_eq!(body["current"], "done");
+    assert_eq!(api.balance("carol"), balance);
+    assert_eq!(api.stream_len("interactive"), 0);
+    // Nothing was done, so the claim was released: a regenerate and then a retry of the
+    // failed row work at once.
+    let (_, body) = post_empty(
+        &api.url(&format!("/api/regenerate/{job}?idx=0")),
+        Some(&token),
+    );
+    assert_eq!(body["status"], "queued", "{body}");
+    api.fail(&job, 1);
+    let (_, body) = post_empty(&api.url(&format!("/api/retry/{job}?idx=1")), Some(&token));
+    assert_eq!(body["status"], "queued", "{body}");
+    assert_eq!(api.balance("carol"), balance - 2);
+
+    // Bad indexes and missing ones are precise 400s.
+    let (status, body) = post_empty(&api.url(&format!("/api/retry/{job}?idx=9")), Some(&token));
+    assert_eq!(status, 400);
+    assert!(
+        body["error"].as_str().unwrap().contains("out of range"),
+        "{body}"
+    );
+    let (status, body) = post_empty(&api.url(&format!("/api/retry/{job}")), Some(&token));
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("idx"), "{body}");
+    let (status, _) = post_empty(&api.url(&format!("/api/retry/{job}?idx=x")), Some(&token));
+    assert_eq!(status, 400);
+}
+
+#[test]
+fn not_enough_credits_is_402_and_changes_nothing() {
+    let api = Api::start();
+    let token = api.user("dan", 2, false);
+    let job = api.set(&token, &["happy", "sad"]);
+    assert_eq!(api.balance("dan"), 0);
+    api.fail(&job, 0);
+    let (status, body) = post_empty(&api.url(&format!("/api/retry/{job}?idx=0")), Some(&token));
+    assert_eq!(status, 402, "{body}");
+    assert_eq!(body["code"], "insufficient_credits");
+    assert_eq!(api.row(&job, 0).status, EmojiStatus::Failed);
+    assert_eq!(api.stream_len("interactive"), 0);
+    // The claim was released with the refusal: after a top-up the click works at once.
+    let admin = api.user("root", 0, true);
+    let (status, _) = post_json(
+        &api.url("/api/admin/credits"),
+        Some(&admin),
+        &json!({"user": "dan", "amount": 5}),
+    );
+    assert_eq!(status, 200);
+    let (_, body) = post_empty(&api.url(&format!("/api/retry/{job}?idx=0")), Some(&token));
+    assert_eq!(body["status"], "queued", "{body}");
+    let (status, body) = post_json(
+        &api.url("/api/generate-set"),
+        Some(&token),
+        &json!({"subject": "a cat", "expressions": ["a", "b", "c", "d", "e"]}),
+    );
+    assert_eq!(status, 402, "{body}");
+    let (_, list) = get(&api.url("/api/jobs"), Some(&token));
+    assert_eq!(
+        list["jobs"].as_array().unwrap().len(),
+        1,
+        "no job was created"
+    );
+}
+
+#[test]
+fn approve_all_twice_at_once_approves_each_emoji_once() {
+    let mut api = Api::start();
+    let token = api.user("erin", 10, false);
+    let job = api.set(&token, &["happy", "sad", "angry"]);
+    // No worker yet: settle the rows by hand (the generate_set entry will find them settled).
+    let bulk = api.stream_len("bulk");
+    api.finish(&job, 0);
+    api.finish(&job, 1);
+    api.fail(&job, 2);
+
+    let url = api.url(&format!("/api/approve-all/{job}"));
+    let barrier = Arc::new(Barrier::new(2));
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let (barrier, url, token) = (barrier.clone(), url.clone(), token.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                post_empty(&url, Some(&token))
+            })
+        })
+        .collect();
+    let replies: Vec<(u16, Value)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let mut statuses: Vec<&str> = replies
+        .iter()
+        .map(|(_, b)| b["status"].as_str().unwrap())
+        .collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, ["duplicate", "queued"], "{replies:?}");
+    let queued = &replies
+        .iter()
+        .find(|(_, b)| b["status"] == "queued")
+        .unwrap()
+        .1;
+    assert_eq!(queued["idx"], json!([0, 1]));
+    assert_eq!(api.stream_len("bulk") - bulk, 1, "one approve_all entry");
+
+    // A single approve of emoji 0 racing with it: approved once, never twice.
+    let (_, one) = post_empty(&api.url(&format!("/api/approve/{job}?idx=0")), Some(&token));
+    assert_eq!(one["status"], "queued", "{one}");
+
+    api.start_worker();
+    let done = api.wait_job(&token, &job, "the approvals", |b| {
+        b["emoji"][0]["status"] == "approved" && b["emoji"][1]["status"] == "approved"
+    });
+    assert_eq!(
+        done["emoji"][2]["status"], "failed",
+        "a failed emoji is not approved"
+    );
+    // Once approved, approving again is a wrong state, and approve-all has nothing to do.
+    std::thread::sleep(Duration::from_millis(300));
+    api.redis_cmd::<i64>(redis::cmd("DEL").arg(format!("popcon:claim:{job}:approve_all-all")));
+    let (_, again) = post_empty(&url, Some(&token));
+    assert_eq!(again["status"], "wrong_state", "{again}");
+}
+
+// ---- off-hours -------------------------------------------------------------------------------
+
+#[test]
+fn off_hours_answers_429_and_the_flag_always_has_a_ttl() {
+    let api = Api::start();
+    let token = api.user("fay", 10, false);
+    let admin = api.user("root", 0, true);
+    let job = api.set(&token, &["happy"]);
+    api.finish(&job, 0);
+    let flag = |api: &Api| -> i64 { api.redis_cmd(redis::cmd("PTTL").arg("popcon:off_hours")) };
+    let url = api.url("/api/admin/off-hours");
+
+    // Admin only; the TTL is required and capped at 20 h.
+    let (status, _) = post_json(&url, Some(&token), &json!({"on": true, "ttl_s": 60}));
+    assert_eq!(status, 403);
+    let (status, body) = post_json(&url, Some(&admin), &json!({"on": true}));
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("ttl_s"), "{body}");
+    assert_eq!(flag(&api), -2, "a refused request sets nothing");
+    let (status, body) = post_json(&url, Some(&admin), &json!({"on": true, "ttl_s": 0}));
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = post_json(&url, Some(&admin), &json!({"on": true, "ttl_s": 500000}));
+    assert_eq!(
+        (status, body["ttl_s"].as_u64(), body["capped"].as_bool()),
+        (200, Some(72000), Some(true))
+    );
+    let pttl = flag(&api);
+    assert!(pttl > 71_000_000 && pttl <= 72_000_000, "PTTL {pttl}");
+    let (status, body) = post_json(&url, Some(&admin), &json!({"on": true, "ttl_s": 72000}));
+    assert_eq!(status, 200, "{body}");
+    assert!(flag(&api) > 0, "the flag always carries a TTL");
+
+    // Costly work is refused with 429 + Retry-After; nothing is charged or queued.
+    let balance = api.balance("fay");
+    let r = finish_response(
+        authed(agent().post(&api.url("/api/generate-set")), Some(&token))
+            .send_json(json!({"subject": "a cat"})),
+    );
+    assert_eq!(r.status(), 429);
+    let retry_after: u64 = r.header("Retry-After").unwrap().parse().unwrap();
+    assert!(
+        retry_after > 71_000 && retry_after <= 72_000,
+        "{retry_after}"
+    );
+    let (_, body) = read_json(r);
+    assert_eq!(body["code"], "too_many_requests");
+    let (status, _) = post_empty(
+        &api.url(&format!("/api/regenerate/{job}?idx=0")),
+        Some(&token),
+    );
+    assert_eq!(status, 429);
+    assert_eq!(api.balance("fay"), balance);
+    // Approve costs no GPU: still allowed.
+    let (_, body) = post_empty(&api.url(&format!("/api/approve/{job}?idx=0")), Some(&token));
+    assert_eq!(body["status"], "queued", "{body}");
+
+    let r = finish_response(authed(agent().get(&url), Some(&admin)).call());
+    let (_, body) = read_json(r);
+    assert_eq!(body["on"], true);
+    let r = finish_response(authed(agent().delete(&url), Some(&admin)).call());
+    assert_eq!(r.status(), 200);
+    assert_eq!(flag(&api), -2);
+    let (status, _) = post_json(
+        &api.url("/api/generate-set"),
+        Some(&token),
+        &json!({"subject": "a cat", "expressions": ["x"]}),
+    );
+    assert_eq!(status, 200);
+    // {"on": false} clears as well.
+    post_json(&url, Some(&admin), &json!({"on": true, "ttl_s": 30}));
+    let (status, body) = post_json(&url, Some(&admin), &json!({"on": false}));
+    assert_eq!((status, body["on"].as_bool()), (200, Some(false)));
+    assert_eq!(flag(&api), -2);
+}
+
+// ---- auth and isolation ----------------------------------------------------------------------
+
+#[test]
+fn tokens_are_required_and_users_see_only_their_own_jobs() {
+    let api = Api::start();
+    let alice = api.user("alice", 10, false);
+    let mallory = api.user("mallory", 10, false);
+    let job = api.set(&alice, &["happy"]);
+    api.fail(&job, 0);
+
+    for (token, want) in [(None, "missing"), (Some("pcw_nope"), "invalid")] {
+        let r = finish_response(authed(agent().get(&api.url("/api/credits")), token).call());
+        assert_eq!(r.status(), 401);
+        assert_eq!(r.header("WWW-Authenticate"), Some("Bearer"));
+        let (_, body) = read_json(r);
+        assert_eq!(body["code"], "unauthorized");
+        assert!(body["error"].as_str().unwrap().contains(want), "{body}");
+    }
+    let r = finish_response(
+        agent()
+            .get(&api.url("/api/credits"))
+            .set("Authorization", "Basic abc")
+            .call(),
+    );
+    assert_eq!(r.status(), 401);
+
+    let (status, body) = get(&api.url(&format!("/api/job/{job}")), Some(&mallory));
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["code"], "not_found");
+    for path in [
+        format!("/api/retry/{job}?idx=0"),
+        format!("/api/regenerate/{job}?idx=0"),
+        format!("/api/approve-all/{job}"),
+    ] {
+        let (status, _) = post_empty(&api.url(&path), Some(&mallory));
+        assert_eq!(status, 404, "{path}");
+    }
+    let (status, _) = get(
+        &api.url(&format!("/api/job/{job}/download")),
+        Some(&mallory),
+    );
+    assert_eq!(status, 404);
+    let (_, list) = get(&api.url("/api/jobs"), Some(&mallory));
+    assert_eq!(list["jobs"], json!([]));
+    assert_eq!(api.balance("mallory"), 10);
+    // The probe did not take the owner's claim: alice's retry goes through.
+    let (_, body) = post_empty(&api.url(&format!("/api/retry/{job}?idx=0")), Some(&alice));
+    assert_eq!(body["status"], "queued", "{body}");
+    let (status, body) = get(&api.url("/api/credits"), Some(&alice));
+    assert_eq!((status, body["balance"].as_i64()), (200, Some(8)));
+    let (status, _) = get(&api.url("/api/nope"), Some(&alice));
+    assert_eq!(status, 404);
+}
+
+// ---- uploads ---------------------------------------------------------------------------------
+
+#[test]
+fn uploads_are_validated_before_anything_is_created() {
+    let api = Api::start();
+    let token = api.user("gus", 50, false);
+    let spec = br#"{"subject": "a red fox", "expressions": ["happy"]}"#;
+    let url = api.url("/api/generate-set");
+
+    let (status, body) = post_multipart(
+        &url,
+        &token,
+        &[
+            ("spec", "application/json", spec),
+            ("image", "image/png", b"this is not an image"),
+        ],
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("not an image"),
+        "{body}"
+    );
+
+    // A valid PNG header claiming 50000 x 50000 pixels (a decompression bomb): refused from
+    // the header, before any pixel is decoded.
+    let mut bomb = png(1, 1);
+    bomb[16..20].copy_from_slice(&50_000u32.to_be_bytes());
+    bomb[20..24].copy_from_slice(&50_000u32.to_be_bytes());
+    let crc = crc32(&bomb[12..29]);
+    bomb[29..33].copy_from_slice(&crc.to_be_bytes());
+    let (status, body) = post_multipart(
+        &url,
+        &token,
+        &[
+            ("spec", "application/json", spec),
+            ("image", "image/png", &bomb),
+        ],
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("50000x50000"),
+        "{body}"
+    );
+
+    // Over the image byte limit (10 MiB) but inside the request limit: a precise 413.
+    let big = vec![0u8; 10 * 1024 * 1024 + 64 * 1024];
+    let (status, body) = post_multipart(
+        &url,
+        &token,
+        &[
+            ("spec", "application/json", spec),
+            ("image", "image/png", &big),
+        ],
+    );
+    assert_eq!(status, 413, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("bytes"), "{body}");
+
+    let (status, body) = post_multipart(&url, &token, &[("image", "image/png", &png(8, 8))]);
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("spec"), "{body}");
+    let (status, body) = post_json(
+        &url,
+        Some(&token),
+        &json!({"subject": "fox", "colour": "red"}),
+    );
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("colour"), "{body}");
+    let (status, body) = post_json(&url, Some(&token), &json!({"subject": "   "}));
+    assert_eq!(status, 400, "{body}");
+    let r = finish_response(
+        authed(agent().post(&url), Some(&token))
+            .set("Content-Type", "text/plain")
+            .send_string("fox"),
+    );
+    assert_eq!(r.status(), 415);
+
+    assert_eq!(api.balance("gus"), 50, "nothing charged");
+    let (_, list) = get(&api.url("/api/jobs"), Some(&token));
+    assert_eq!(list["jobs"], json!([]), "nothing created");
+    assert_eq!(api.stream_len("bulk"), 0, "nothing queued");
+
+    // A good upload: the job keeps the reference, readable through its signed URL.
+    let (status, body) = post_multipart(
+        &url,
+        &token,
+        &[
+            ("spec", "application/json", spec),
+            ("image", "image/png", &png(32, 24)),
+        ],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["charged"], 1);
+    let reference = body["reference_url"].as_str().unwrap();
+    let r = get_raw(reference);
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.header("Content-Type"), Some("image/png"));
+}
+
+// ---- reads: the thumbnail chain, signed URLs, pagination -------------------------------------
+
+fn card<'a>(list: &'a Value, job: &str) -> &'a Value {
+    list["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == job)
+        .unwrap()
+}
+
+fn fetch_png(url: &str) {
+    let r = get_raw(url);
+    assert_eq!(r.status(), 200, "{url}");
+    assert_eq!(r.header("Content-Type"), Some("image/png"), "{url}");
+    let mut bytes = Vec::new();
+    r.into_reader().read_to_end(&mut bytes).unwrap();
+    image::load_from_memory(&bytes).unwrap_or_else(|e| panic!("{url}: not an image: {e}"));
+}
+
+#[test]
+fn every_case_of_the_thumbnail_chain_points_at_an_image_that_exists() {
+    let api = Api::start();
+    let token = api.user("hal", 50, false);
+    let path_job = api.set(&token, &["a"]);
+    api.finish(&path_job, 0);
+    let key_job = api.set(&token, &["a"]);
+    api.finish(&key_job, 0);
+    let emoji0_job = api.set(&token, &["a"]);
+    api.finish(&emoji0_job, 0);
+    let fresh_job = api.set(&token, &["a"]);
+    // Damage the cache the way the old system's race did (or an older writer would).
+    api.rt.block_on(async {
+        let pool = sqlx::SqlitePool::connect(&db_url(api.dir.path()))
+            .await
+            .unwrap();
+        sqlx::query("UPDATE jobs SET thumbnail_path = NULL WHERE id = ?")
+            .bind(&key_job)
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE jobs SET thumbnail_path = '', thumbnail_key = '' WHERE id = ?")
+            .bind(&emoji0_job)
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    });
+    let (status, list) = get(&api.url("/api/jobs"), Some(&token));
+    assert_eq!(status, 200);
+    for (job, source) in [
+        (&path_job, "path"),
+        (&key_job, "key"),
+        (&emoji0_job, "emoji0"),
+        (&fresh_job, "placeholder"),
+    ] {
+        let c = card(&list, job);
+        assert_eq!(c["thumbnail_source"], source, "{c}");
+        fetch_png(c["thumbnail_url"].as_str().unwrap());
+    }
+    assert!(
+        card(&list, &path_job)["thumbnail_url"]
+            .as_str()
+            .unwrap()
+            .contains("/files/jobs/")
+    );
+    assert!(
+        card(&list, &fresh_job)["thumbnail_url"]
+            .as_str()
+            .unwrap()
+            .ends_with("/static/placeholder.png")
+    );
+
+    // Signed URLs (emoji 0's full image is not public): altered or missing signatures are
+    // refused.
+    let signed = card(&list, &emoji0_job)["thumbnail_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(signed.contains("sig="), "{signed}");
+    let (status, body) = read_json(get_raw(&signed.replace("sig=", "sig=00")));
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = read_json(get_raw(&format!(
+        "{}/files/{}",
+        api.base,
+        blobs::keys::emoji(&key_job, 0, 1)
+    )));
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("signature"),
+        "{body}"
+    );
+    let (status, _) = read_json(get_raw(&format!("{}/files/jobs/x/thumb/0-1.png", api.base)));
+    assert_eq!(status, 404);
+
+    // The job view: per-emoji status and signed URLs.
+    let (_, view) = get(&api.url(&format!("/api/job/{path_job}")), Some(&token));
+    assert_eq!(view["status"], "done");
+    assert_eq!(view["emoji"][0]["status"], "done");
+    fetch_png(view["emoji"][0]["url"].as_str().unwrap());
+
+    // Newest first, paginated.
+    let (_, page) = get(&api.url("/api/jobs?limit=3"), Some(&token));
+    let ids: Vec<&str> = page["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [fresh_job.as_str(), emoji0_job.as_str(), key_job.as_str()]
+    );
+    assert_eq!(page["next_offset"], 3);
+    let (_, page2) = get(&api.url("/api/jobs?limit=3&offset=3"), Some(&token));
+    assert_eq!(page2["jobs"][0]["id"], path_job);
+    assert_eq!(page2["next_offset"], Value::Null);
+    let (status, _) = get(&api.url("/api/jobs?limit=0"), Some(&token));
+    assert_eq!(status, 400);
+}
+
+// ---- the worker's side of credits ------------------------------------------------------------
+
+#[test]
+fn a_dead_lettered_set_is_refunded_exactly_once() {
+    let api = Api::start_with(Options {
+        worker: true,
+        break_uploads: true,
+        ..Options::default()
+    });
+    let token = api.user("ivy", 10, false);
+    let job = api.set(&token, &["happy", "sad"]);
+    assert_eq!(api.balance("ivy"), 8);
+    let view = api.wait_job(&token, &job, "the set to fail", |b| b["status"] == "failed");
+    assert!(
+        view["emoji"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("gave up"),
+        "{view}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.balance("ivy") != 10 {
+        assert!(Instant::now() < deadline, "never refunded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let entries = api.ledger("ivy");
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|(_, k)| k.starts_with("refund:"))
+            .count(),
+        1,
+        "{entries:?}"
+    );
+}
+
+// ---- end to end ------------------------------------------------------------------------------
+
+#[test]
+fn a_set_submitted_over_http_is_finished_by_the_daemon_and_its_card_shows_a_thumbnail() {
+    let api = Api::start_with(Options {
+        worker: true,
+        ..Options::default()
+    });
+    let token = api.user("jo", 10, false);
+    let job = api.set(&token, &["happy", "sad"]);
+    let view = api.wait_job(&token, &job, "the set", |b| b["status"] == "done");
+    assert_eq!(view["emoji_done"], 2);
+    for e in view["emoji"].as_array().unwrap() {
+        fetch_png(e["url"].as_str().unwrap());
+    }
+    let (_, list) = get(&api.url("/api/jobs"), Some(&token));
+    let c = card(&list, &job);
+    assert_eq!(c["thumbnail_source"], "path", "{c}");
+    fetch_png(c["thumbnail_url"].as_str().unwrap());
+    assert_eq!(api.balance("jo"), 8);
+
+    let r = finish_response(
+        authed(
+            agent().get(&api.url(&format!("/api/job/{job}/download"))),
+            Some(&token),
+        )
+        .call(),
+    );
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.header("Content-Type"), Some("application/zip"));
+    let mut bytes = Vec::new();
+    r.into_reader().read_to_end(&mut bytes).unwrap();
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+    let mut names: Vec<String> = zip.file_names().map(|n| n.unwrap().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["00-happy.png", "01-sad.png"]);
+    let mut f = zip.by_name("00-happy.png").unwrap();
+    let mut data = Vec::new();
+    f.read_to_end(&mut data).unwrap();
+    image::load_from_memory(&data).unwrap();
+
+    // Regenerate the finished emoji 0 and see it come back with a new fence.
+    let (_, body) = post_empty(
+        &api.url(&format!("/api/regenerate/{job}?idx=0")),
+        Some(&token),
+    );
+    assert_eq!(body["status"], "queued", "{body}");
+    let view = api.wait_job(&token, &job, "the regenerate", |b| {
+        b["emoji"][0]["status"] == "done" && b["emoji"][0]["fence"] == 2
+    });
+    assert_eq!(view["status"], "done");
+    assert_eq!(api.balance("jo"), 7);
+}
+
+// ---- the zip download, streamed with bounded memory (the binary, its own process) ------------
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_zip_of_a_64_emoji_set_streams_with_bounded_memory() {
+    const N: u32 = 64;
+    const SIZE: usize = 1536 * 1024;
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let bin = env!("CARGO_BIN_EXE_popcon-worker");
+    let env = |c: &mut std::process::Command| {
+        c.env("REDIS_URL", redis.url())
+            .env("DATABASE_URL", db_url(dir.path()))
+            .env("POPCON_RESULTS", dir.path().join("results"))
+            .env("POPCON_URL_SECRET", SECRET)
+            .env("RUST_LOG", "warn");
+    };
+    let mut add = std::process::Command::new(bin);
+    env(&mut add);
+    let out = add
+        .args(["users", "add", "kim", "--credits", "100"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+
+    // A finished 64-emoji set of incompressible 1.5 MiB images (96 MiB in all).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let job = "zipjob64";
+    let mut expected = Vec::new();
+    rt.block_on(async {
+        let store = Store::connect(&db_url(dir.path())).await.unwrap();
+        let blobs = Blobs::open(&blobs_config(dir.path())).unwrap();
+        store
+            .create_job(&popcon_worker::store::NewJob {
+                id: job.into(),
+                user_id: "kim".into(),
+                subject: "a red fox".into(),
+                style: None,
+                seed: 1,
+                model: None,
+                reference_key: None,
+                labels: (0..N).map(|i| format!("e{i}")).collect(),
+            })
+            .await
+            .unwrap();
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(9);
+        for idx in 0..N {
+            let mut data = vec![0u8; SIZE];
+            rand::RngCore::fill_bytes(&mut rng, &mut data);
+            let key = blobs::keys::emoji(job, idx, 1);
+            blobs.put(&key, data.clone()).await.unwrap();
+            expected.push(data);
+            store.start_emoji(job, idx, 1).await.unwrap();
+            store
+                .finish_emoji(&EmojiOutcome {
+                    job_id: job.into(),
+                    idx,
+                    fence: 1,
+                    image_key: key.clone(),
+                    seed: 1,
+                    thumbnail: (idx == 0).then(|| Thumbnail {
+                        path: format!("/files/{key}"),
+                        key,
+                    }),
+                })
+                .await
+                .unwrap();
+        }
+        store.close().await;
+    });
+
+    let mut cmd = std::process::Command::new(bin);
+    env(&mut cmd);
+    let child = Child(
+        cmd.args(["api", "--listen", &format!("127.0.0.1:{port}")])
+            .spawn()
+            .unwrap(),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent().get(&format!("{base}/readyz")).call().is_err() {
+        assert!(Instant::now() < deadline, "the api never became ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Warm up the paths a download uses, then take the baseline peak.
+    let (status, _) = get(&format!("{base}/api/job/{job}"), Some(&token));
+    assert_eq!(status, 200);
+    let before = vm_hwm_kib(child.0.id());
+
+    let r = finish_response(
+        authed(
+            agent().get(&format!("{base}/api/job/{job}/download")),
+            Some(&token),
+        )
+        .call(),
+    );
+    assert_eq!(r.status(), 200);
+    let path: PathBuf = dir.path().join("download.zip");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let total = std::io::copy(&mut r.into_reader(), &mut file).unwrap();
+    drop(file);
+    let after = vm_hwm_kib(child.0.id());
+    assert!(total > (N as u64) * SIZE as u64, "{total} bytes");
+    let grown_mib = (after.saturating_sub(before)) as f64 / 1024.0;
+    eprintln!(
+        "zip {:.0} MiB; api peak RSS {before} kB -> {after} kB (+{grown_mib:.1} MiB)",
+        total as f64 / 1048576.0
+    );
+    assert!(
+        grown_mib < 24.0,
+        "the server's peak memory grew by {grown_mib:.1} MiB for a {} MiB archive: it buffers",
+        total / 1048576
+    );
+
+    let mut zip = zip::ZipArchive::new(std::fs::File::open(&path).unwrap()).unwrap();
+    assert_eq!(zip.len(), N as usize);
+    for (idx, want) in expected.iter().enumerate() {
+        let mut f = zip.by_name(&format!("{idx:02}-e{idx}.png")).unwrap();
+        let mut data = Vec::with_capacity(SIZE);
+        f.read_to_end(&mut data).unwrap();
+        assert!(data == *want, "entry {idx} differs");
+    }
+}
