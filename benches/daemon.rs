@@ -78,6 +78,7 @@ fn set(i: usize, expressions: &[&str]) -> GenerateSet {
         seed: i as u64,
         model: None,
         reference: None,
+        idempotency_key: None,
     }
 }
 

@@ -236,14 +236,28 @@ pub struct GenerateSet {
     pub model: Option<String>,
     /// An uploaded reference photo (PNG/JPEG/WebP bytes).
     pub reference: Option<Vec<u8>>,
+    /// The client's key for this submission (the `Idempotency-Key` header): a repeat with
+    /// the same key — a double click on "generate" — returns the first job instead of
+    /// creating and charging a second one.
+    pub idempotency_key: Option<String>,
 }
 
 /// A created job and what it cost.
 #[derive(Debug, Clone)]
 pub struct Submitted {
     pub job: JobRecord,
-    /// `None` when generate-set is free.
+    /// `None` when generate-set is free, or when this was a repeat of an earlier submission.
     pub charged: Option<Charged>,
+    /// True when an earlier request with the same idempotency key created the job.
+    pub deduped: bool,
+}
+
+/// The job id a submission with an idempotency key gets: derived from the user and the key,
+/// so every repeat names the same row and the database's primary key decides who created it.
+fn idempotent_job_id(user_id: &str, key: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("generate_set\n{user_id}\n{key}").as_bytes());
+    hex::encode(&digest[..16])
 }
 
 /// The answer to an action on an existing job.
@@ -423,9 +437,31 @@ impl Enqueuer {
             }
             None => None,
         };
+        let id = match &req.idempotency_key {
+            Some(key) => {
+                let ok = !key.is_empty()
+                    && key.len() <= 128
+                    && key.bytes().all(|b| b.is_ascii_graphic());
+                if !ok {
+                    return Err(EnqueueError::BadInput(
+                        "the idempotency key must be 1-128 printable ASCII characters".into(),
+                    ));
+                }
+                let id = idempotent_job_id(&req.user_id, key);
+                // A repeat returns the first job, also during off-hours: nothing new is asked.
+                if let Some(job) = self.store.get_job(&id).await? {
+                    return Ok(Submitted {
+                        job,
+                        charged: None,
+                        deduped: true,
+                    });
+                }
+                id
+            }
+            None => uuid::Uuid::new_v4().simple().to_string(),
+        };
         self.check_off_hours().await?;
 
-        let id = uuid::Uuid::new_v4().simple().to_string();
         let new = NewJob {
             id: id.clone(),
             user_id: req.user_id.clone(),
@@ -442,17 +478,40 @@ impl Enqueuer {
             .generate_set_per_emoji
             .checked_mul(new.labels.len() as i64)
             .ok_or_else(|| EnqueueError::BadInput("price overflow".into()))?;
-        let (job, charged) = if price > 0 {
+        let created = if price > 0 {
             let reason = format!("generate_set {id} ({} emoji)", new.labels.len());
             let charge = Charge {
                 user_id: &req.user_id,
                 amount: price,
                 reason: &reason,
             };
-            let (job, charged) = self.store.create_job_charged(&new, charge).await?;
-            (job, Some(charged))
+            self.store
+                .create_job_charged(&new, charge)
+                .await
+                .map(|(job, charged)| (job, Some(charged)))
         } else {
-            (self.store.create_job(&new).await?, None)
+            self.store.create_job(&new).await.map(|job| (job, None))
+        };
+        let (job, charged) = match created {
+            Ok(v) => v,
+            // Two repeats raced past the read above: the row's primary key let one create
+            // the job (and its charge, keyed by the id); the other returns that job.
+            Err(StoreError::Conflict(_)) if req.idempotency_key.is_some() => {
+                let job = self.store.get_job(&id).await?.ok_or_else(|| {
+                    EnqueueError::Store(StoreError::Corrupt(format!("job {id} vanished")))
+                })?;
+                return Ok(Submitted {
+                    job,
+                    charged: None,
+                    deduped: true,
+                });
+            }
+            Err(StoreError::IdemKeyReused { .. }) => {
+                return Err(EnqueueError::BadInput(
+                    "this idempotency key was used for a different request".into(),
+                ));
+            }
+            Err(e) => return Err(e.into()),
         };
 
         let after_charge = async {
@@ -476,7 +535,11 @@ impl Enqueuer {
             });
         }
         tracing::info!(job_id = %id, user_id = %req.user_id, charged = price, "generate_set queued");
-        Ok(Submitted { job, charged })
+        Ok(Submitted {
+            job,
+            charged,
+            deduped: false,
+        })
     }
 
     /// retry / regenerate / approve of emoji `idx`: claim, status check, charge + pre-flip,

@@ -174,6 +174,9 @@ pub struct GenerateSetArgs {
     /// Print the job as JSON instead of its id.
     #[arg(long)]
     json: bool,
+    /// A repeat with the same key returns the first job instead of creating another.
+    #[arg(long)]
+    idempotency_key: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -433,6 +436,7 @@ fn enqueue_set(a: GenerateSetArgs) -> Result<(), Failure> {
         seed: a.seed.unwrap_or_else(rand::random),
         model: None,
         reference,
+        idempotency_key: a.idempotency_key.clone(),
     };
     runtime()?.block_on(async {
         let enq = enqueuer(&a.conn, &a.pricing).await?;

@@ -473,6 +473,61 @@ fn fifty_concurrent_retry_clicks_charge_once_queue_once_and_flip_once() {
 }
 
 #[test]
+fn a_double_submitted_set_with_one_idempotency_key_is_created_and_charged_once() {
+    let api = Api::start();
+    let token = api.user("lee", 20, false);
+    let url = api.url("/api/generate-set");
+    let barrier = Arc::new(Barrier::new(10));
+    let threads: Vec<_> = (0..10)
+        .map(|_| {
+            let (barrier, url, token) = (barrier.clone(), url.clone(), token.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                read_json(finish_response(
+                    authed(agent().post(&url), Some(&token))
+                        .set("Idempotency-Key", "click-1")
+                        .send_json(json!({"subject": "a red fox", "expressions": ["a", "b"]})),
+                ))
+            })
+        })
+        .collect();
+    let replies: Vec<(u16, Value)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(replies.iter().all(|(s, _)| *s == 200), "{replies:?}");
+    let ids: std::collections::BTreeSet<&str> = replies
+        .iter()
+        .map(|(_, b)| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 1, "one job: {replies:?}");
+    assert_eq!(
+        replies
+            .iter()
+            .filter(|(_, b)| b["deduped"] == false)
+            .count(),
+        1,
+        "{replies:?}"
+    );
+    assert_eq!(api.balance("lee"), 18, "charged once");
+    assert_eq!(api.stream_len("bulk"), 1, "queued once");
+    // Another key is another set; another user with the same key gets their own.
+    let (status, other) = post_json(
+        &url,
+        Some(&token),
+        &json!({"subject": "a cat", "expressions": ["a"]}),
+    );
+    assert_eq!(status, 200);
+    assert!(!ids.contains(other["id"].as_str().unwrap()));
+    let kim = api.user("kim", 5, false);
+    let r = finish_response(
+        authed(agent().post(&url), Some(&kim))
+            .set("Idempotency-Key", "click-1")
+            .send_json(json!({"subject": "a red fox", "expressions": ["a", "b"]})),
+    );
+    let (_, theirs) = read_json(r);
+    assert!(!ids.contains(theirs["id"].as_str().unwrap()));
+    assert_eq!(api.balance("kim"), 3);
+}
+
+#[test]
 fn a_dispatch_failure_refunds_releases_the_claim_and_the_next_click_succeeds() {
     let armed = Arc::new(AtomicBool::new(false));
     let slot: Arc<Mutex<Option<Arc<Mutex<RedisServer>>>>> = Arc::new(Mutex::new(None));

@@ -131,6 +131,7 @@ fn set(subject: &str, expressions: &[&str]) -> GenerateSet {
         seed: 42,
         model: None,
         reference: None,
+        idempotency_key: None,
     }
 }
 

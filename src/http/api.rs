@@ -510,10 +510,21 @@ async fn generate_set(
         seed: spec.seed.unwrap_or_else(rand::random),
         model: None,
         reference: image,
+        idempotency_key: match headers.get("idempotency-key") {
+            Some(v) => Some(
+                v.to_str()
+                    .map_err(|_| {
+                        ApiError::BadRequest("the Idempotency-Key header is not ASCII".into())
+                    })?
+                    .to_string(),
+            ),
+            None => None,
+        },
     };
     let submitted = st.enq.generate_set(&req).await?;
     let mut view = st.job_view(&headers, &submitted.job, None);
     view["charged"] = json!(submitted.charged.as_ref().map_or(0, |c| c.amount));
+    view["deduped"] = json!(submitted.deduped);
     if let Some(c) = &submitted.charged {
         view["balance"] = json!(c.balance);
     }
