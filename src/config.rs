@@ -172,6 +172,11 @@ pub struct FileConfig {
     pub results: Option<PathBuf>,
     pub public_base: Option<String>,
     pub url_secret: Option<String>,
+    /// `generate_set=1,retry=1,…` (see `--prices`).
+    pub prices: Option<String>,
+    /// The API's listen address and public origin (`popcon-worker api`).
+    pub listen: Option<String>,
+    pub public_url: Option<String>,
     pub prefix: Option<String>,
     pub models_dir: Option<PathBuf>,
     pub model: Option<String>,
@@ -288,8 +293,9 @@ pub struct ConnectionArgs {
     pub url_secret: Option<String>,
 }
 
-/// [`ConnectionArgs`] resolved against the file and the defaults.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// [`ConnectionArgs`] resolved against the file and the defaults. Its `Debug` hides the URL
+/// secret.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Connection {
     pub redis_url: String,
     pub database_url: String,
@@ -337,6 +343,37 @@ impl ConnectionArgs {
                 .unwrap_or_else(|| crate::blobs::DEFAULT_PUBLIC_BASE.into()),
             url_secret: self.url_secret.clone().or_else(|| f.url_secret.clone()),
         }
+    }
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("redis_url", &self.redis_url)
+            .field("database_url", &self.database_url)
+            .field("results", &self.results)
+            .field("prefix", &self.prefix)
+            .field("public_base", &self.public_base)
+            .field("url_secret", &self.url_secret.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+impl LoadedFile {
+    /// A string setting of the API side (`prices`, `listen`, `public_url`) from the file.
+    pub fn api_setting(&self, key: &'static str) -> Option<&str> {
+        let f = &self.file;
+        match key {
+            "prices" => f.prices.as_deref(),
+            "listen" => f.listen.as_deref(),
+            "public_url" => f.public_url.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// A bad value of `key` in this file, as an error naming both.
+    pub fn invalid(&self, key: &'static str, message: impl Into<String>) -> ConfigError {
+        self.bad(key, message)
     }
 }
 

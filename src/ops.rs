@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use popcon_worker::blobs::Blobs;
-use popcon_worker::config::{Connection, ConnectionArgs, RunConfig, parse_duration};
+use popcon_worker::config::{Connection, ConnectionArgs, LoadedFile, RunConfig, parse_duration};
 use popcon_worker::enqueue::{
     ActionReply, EnqueueConfig, EnqueueError, Enqueuer, GenerateSet, Prices,
 };
@@ -52,15 +52,22 @@ pub struct PricingArgs {
 }
 
 impl PricingArgs {
-    fn config(&self) -> EnqueueConfig {
-        EnqueueConfig {
-            prices: if self.free {
-                Prices::free()
-            } else {
-                self.prices.unwrap_or_default()
-            },
+    /// Flags > env > the settings file's `prices` > defaults.
+    fn config(&self, file: &LoadedFile) -> Result<EnqueueConfig, Failure> {
+        let prices = if self.free {
+            Prices::free()
+        } else if let Some(p) = self.prices {
+            p
+        } else if let Some(text) = file.api_setting("prices") {
+            Prices::parse(text)
+                .map_err(|m| Failure::Usage(file.invalid("prices", m).to_string()))?
+        } else {
+            Prices::default()
+        };
+        Ok(EnqueueConfig {
+            prices,
             ..EnqueueConfig::default()
-        }
+        })
     }
 }
 
@@ -97,9 +104,9 @@ pub struct ApiArgs {
     conn: ConnectionArgs,
     #[command(flatten)]
     pricing: PricingArgs,
-    /// Address to serve the API on.
-    #[arg(long, env = "POPCON_LISTEN", default_value = "127.0.0.1:8080")]
-    listen: std::net::SocketAddr,
+    /// Address to serve the API on [default: 127.0.0.1:8080].
+    #[arg(long, env = "POPCON_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
     /// The origin clients reach the API at, for absolute URLs in responses (default: each
     /// request's Host header).
     #[arg(long, env = "POPCON_PUBLIC_URL")]
@@ -359,12 +366,14 @@ fn enqueue_failure(e: EnqueueError) -> Failure {
 }
 
 async fn enqueuer(conn: &ConnectionArgs, pricing: &PricingArgs) -> Result<Enqueuer, Failure> {
+    let (_, file) = conn.resolve().map_err(|e| Failure::Usage(e.to_string()))?;
+    let cfg = pricing.config(&file)?;
     let store = store(conn).await?;
     let queue = queue(conn).await?;
     let blobs = Blobs::open(&connection(conn)?.blobs_config())
         .context("opening the results folder")
         .map_err(Failure::Runtime)?;
-    Ok(Enqueuer::new(store, queue, blobs, pricing.config()))
+    Ok(Enqueuer::new(store, queue, blobs, cfg))
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<(), Failure> {
@@ -455,7 +464,21 @@ fn enqueue_set(a: GenerateSetArgs) -> Result<(), Failure> {
 
 /// `popcon-worker api`.
 pub fn api(a: ApiArgs) -> Result<(), Failure> {
-    let conn = connection(&a.conn)?;
+    let (conn, file) = a
+        .conn
+        .resolve()
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let listen = match (a.listen, file.api_setting("listen")) {
+        (Some(l), _) => l,
+        (None, Some(text)) => text.parse().map_err(|e| {
+            Failure::Usage(file.invalid("listen", format!("`{text}`: {e}")).to_string())
+        })?,
+        (None, None) => std::net::SocketAddr::from(([127, 0, 0, 1], 8080)),
+    };
+    let public_url = a
+        .public_url
+        .clone()
+        .or_else(|| file.api_setting("public_url").map(str::to_string));
     if conn.url_secret.is_none() {
         tracing::warn!(
             "POPCON_URL_SECRET is not set: signed image URLs use a random per-process secret and \
@@ -465,7 +488,7 @@ pub fn api(a: ApiArgs) -> Result<(), Failure> {
     runtime()?.block_on(async move {
         let enq = enqueuer(&a.conn, &a.pricing).await?;
         let cfg = ApiConfig {
-            public_url: a.public_url.clone(),
+            public_url,
             signed_url_ttl: a.signed_url_ttl,
             ..ApiConfig::default()
         };
@@ -479,7 +502,7 @@ pub fn api(a: ApiArgs) -> Result<(), Failure> {
             trigger.trigger();
         });
         let app = popcon_worker::http::with_fallbacks(popcon_worker::http::api::routes(state));
-        let (addr, task) = popcon_worker::http::serve_router(a.listen, app, shutdown)
+        let (addr, task) = popcon_worker::http::serve_router(listen, app, shutdown)
             .await
             .context("starting the API")
             .map_err(Failure::Runtime)?;
