@@ -563,21 +563,31 @@ impl Enqueuer {
         if action.is_costly() {
             self.check_off_hours().await?;
         }
-        if !self
-            .queue
-            .try_claim_action(job_id, action, Some(idx))
-            .await?
-        {
-            tracing::info!(job_id, %action, idx, "duplicate click: the claim is held");
+        self.under_claim(job_id, action, Some(idx), async {
+            self.claimed_emoji_action(user_id, job_id, action, idx)
+                .await
+        })
+        .await
+    }
+
+    /// Layer 1: runs `work` only if this caller wins the claim (else `duplicate`). The claim
+    /// is kept only when the action went through — its TTL is the double-click window;
+    /// anything else (wrong state, refused charge, failed dispatch) releases it, so the user
+    /// can act again at once.
+    async fn under_claim(
+        &self,
+        job_id: &str,
+        action: Action,
+        idx: Option<u32>,
+        work: impl Future<Output = Result<ActionReply, EnqueueError>>,
+    ) -> Result<ActionReply, EnqueueError> {
+        if !self.queue.try_claim_action(job_id, action, idx).await? {
+            tracing::info!(job_id, %action, ?idx, "duplicate click: the claim is held");
             return Ok(ActionReply::Duplicate { deduped: true });
         }
-        let result = self
-            .claimed_emoji_action(user_id, job_id, action, idx)
-            .await;
-        // Keep the claim only when the action went through: its TTL is the double-click
-        // window. Anything else released it already or releases it here.
+        let result = work.await;
         if !matches!(result, Ok(ActionReply::Queued { .. })) {
-            self.release_claim(job_id, action, Some(idx)).await;
+            self.release_claim(job_id, action, idx).await;
         }
         result
     }
@@ -666,15 +676,13 @@ impl Enqueuer {
     ) -> Result<ActionReply, EnqueueError> {
         let action = Action::ApproveAll;
         self.owned_job(user_id, job_id).await?;
-        if !self.queue.try_claim_action(job_id, action, None).await? {
-            tracing::info!(job_id, "duplicate approve-all: the claim is held");
-            return Ok(ActionReply::Duplicate { deduped: true });
-        }
-        let result = self.claimed_approve_all(user_id, job_id).await;
-        if !matches!(result, Ok(ActionReply::Queued { .. })) {
-            self.release_claim(job_id, action, None).await;
-        }
-        result
+        self.under_claim(
+            job_id,
+            action,
+            None,
+            self.claimed_approve_all(user_id, job_id),
+        )
+        .await
     }
 
     async fn claimed_approve_all(

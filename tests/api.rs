@@ -400,6 +400,22 @@ fn crc32(data: &[u8]) -> u32 {
     !crc
 }
 
+/// Runs `f` on `n` threads released together (a burst of clicks); the results in thread order.
+fn at_once<T: Send>(n: usize, f: impl Fn() -> T + Sync) -> Vec<T> {
+    let barrier = Barrier::new(n);
+    std::thread::scope(|s| {
+        let threads: Vec<_> = (0..n)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    f()
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    })
+}
+
 fn png(w: u32, h: u32) -> Vec<u8> {
     post::encode_png(&image::RgbaImage::from_pixel(
         w,
@@ -420,18 +436,8 @@ fn fifty_concurrent_retry_clicks_charge_once_queue_once_and_flip_once() {
     api.fail(&job, 0);
     let before = api.stream_len("interactive");
 
-    let barrier = Arc::new(Barrier::new(50));
     let url = api.url(&format!("/api/retry/{job}?idx=0"));
-    let threads: Vec<_> = (0..50)
-        .map(|_| {
-            let (barrier, url, token) = (barrier.clone(), url.clone(), token.clone());
-            std::thread::spawn(move || {
-                barrier.wait();
-                post_empty(&url, Some(&token))
-            })
-        })
-        .collect();
-    let replies: Vec<(u16, Value)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let replies = at_once(50, || post_empty(&url, Some(&token)));
     let queued: Vec<&Value> = replies
         .iter()
         .filter(|(s, b)| *s == 200 && b["status"] == "queued")
@@ -477,21 +483,13 @@ fn a_double_submitted_set_with_one_idempotency_key_is_created_and_charged_once()
     let api = Api::start();
     let token = api.user("lee", 20, false);
     let url = api.url("/api/generate-set");
-    let barrier = Arc::new(Barrier::new(10));
-    let threads: Vec<_> = (0..10)
-        .map(|_| {
-            let (barrier, url, token) = (barrier.clone(), url.clone(), token.clone());
-            std::thread::spawn(move || {
-                barrier.wait();
-                read_json(finish_response(
-                    authed(agent().post(&url), Some(&token))
-                        .set("Idempotency-Key", "click-1")
-                        .send_json(json!({"subject": "a red fox", "expressions": ["a", "b"]})),
-                ))
-            })
-        })
-        .collect();
-    let replies: Vec<(u16, Value)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let replies = at_once(10, || {
+        read_json(finish_response(
+            authed(agent().post(&url), Some(&token))
+                .set("Idempotency-Key", "click-1")
+                .send_json(json!({"subject": "a red fox", "expressions": ["a", "b"]})),
+        ))
+    });
     assert!(replies.iter().all(|(s, _)| *s == 200), "{replies:?}");
     let ids: std::collections::BTreeSet<&str> = replies
         .iter()
@@ -685,17 +683,7 @@ fn approve_all_twice_at_once_approves_each_emoji_once() {
     api.fail(&job, 2);
 
     let url = api.url(&format!("/api/approve-all/{job}"));
-    let barrier = Arc::new(Barrier::new(2));
-    let threads: Vec<_> = (0..2)
-        .map(|_| {
-            let (barrier, url, token) = (barrier.clone(), url.clone(), token.clone());
-            std::thread::spawn(move || {
-                barrier.wait();
-                post_empty(&url, Some(&token))
-            })
-        })
-        .collect();
-    let replies: Vec<(u16, Value)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let replies = at_once(2, || post_empty(&url, Some(&token)));
     let mut statuses: Vec<&str> = replies
         .iter()
         .map(|(_, b)| b["status"].as_str().unwrap())
