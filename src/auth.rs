@@ -22,6 +22,13 @@ pub enum AuthError {
     Store(#[from] StoreError),
 }
 
+impl AuthError {
+    /// Only a database hiccup is worth retrying; a bad or missing token stays bad.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, AuthError::Store(e) if e.is_retryable())
+    }
+}
+
 /// A new random token.
 pub fn new_token() -> String {
     let bytes: [u8; 32] = rand::random();

@@ -19,7 +19,7 @@ use popcon_worker::enqueue::{
 use popcon_worker::http::HttpState;
 use popcon_worker::http::api::{ApiConfig, ApiState};
 use popcon_worker::job::Action;
-use popcon_worker::queue::{OFF_HOURS_MAX_TTL, Queue, QueueError};
+use popcon_worker::queue::{OFF_HOURS_MAX_TTL, Queue, QueueConfig, QueueError};
 use popcon_worker::store::Store;
 use popcon_worker::worker::{Worker, shutdown_channel};
 
@@ -366,11 +366,27 @@ fn enqueue_failure(e: EnqueueError) -> Failure {
 }
 
 async fn enqueuer(conn: &ConnectionArgs, pricing: &PricingArgs) -> Result<Enqueuer, Failure> {
-    let (_, file) = conn.resolve().map_err(|e| Failure::Usage(e.to_string()))?;
+    enqueuer_with(conn, pricing, Duration::from_secs(5)).await
+}
+
+/// `patience`: how long to wait for an unreachable Redis (a server started at boot beside
+/// Redis waits longer than an operator at a prompt).
+async fn enqueuer_with(
+    conn: &ConnectionArgs,
+    pricing: &PricingArgs,
+    patience: Duration,
+) -> Result<Enqueuer, Failure> {
+    let (resolved, file) = conn.resolve().map_err(|e| Failure::Usage(e.to_string()))?;
     let cfg = pricing.config(&file)?;
     let store = store(conn).await?;
-    let queue = queue(conn).await?;
-    let blobs = Blobs::open(&connection(conn)?.blobs_config())
+    let queue = Queue::connect(QueueConfig {
+        connect_patience: patience,
+        ..resolved.queue_config()
+    })
+    .await
+    .context("connecting to redis")
+    .map_err(Failure::Runtime)?;
+    let blobs = Blobs::open(&resolved.blobs_config())
         .context("opening the results folder")
         .map_err(Failure::Runtime)?;
     Ok(Enqueuer::new(store, queue, blobs, cfg))
@@ -486,7 +502,7 @@ pub fn api(a: ApiArgs) -> Result<(), Failure> {
         );
     }
     runtime()?.block_on(async move {
-        let enq = enqueuer(&a.conn, &a.pricing).await?;
+        let enq = enqueuer_with(&a.conn, &a.pricing, Duration::from_secs(60)).await?;
         let cfg = ApiConfig {
             public_url,
             signed_url_ttl: a.signed_url_ttl,
