@@ -476,6 +476,19 @@ fn fifty_concurrent_retry_clicks_charge_once_queue_once_and_flip_once() {
     assert_eq!(again, json!({"status": "duplicate", "deduped": true}));
     let ttl: i64 = api.redis_cmd(redis::cmd("TTL").arg(format!("popcon:claim:{job}:retry-0")));
     assert!((1..=30).contains(&ttl), "claim TTL {ttl}");
+
+    // The outcomes are counted, per route template (not per job id).
+    let (_, body) = post_empty(&api.url("/api/retry/nope?idx=0"), Some(&token));
+    assert_eq!(body["code"], "not_found");
+    let text = get_raw(&api.url("/metrics")).into_string().unwrap();
+    for line in [
+        r#"popcon_api_actions_total{action="retry",outcome="duplicate"} 50"#,
+        r#"popcon_api_actions_total{action="retry",outcome="queued"} 1"#,
+        r#"popcon_api_requests_total{route="/api/retry/{job_id}",status="200",code=""} 51"#,
+        r#"popcon_api_requests_total{route="/api/retry/{job_id}",status="404",code="not_found"} 1"#,
+    ] {
+        assert!(text.contains(line), "missing `{line}` in\n{text}");
+    }
 }
 
 #[test]

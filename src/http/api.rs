@@ -17,6 +17,7 @@
 //! | `GET /files/{key}` | thumbnails; other images with a valid signature |
 //! | `GET /static/placeholder.png` | the archive's last-resort thumbnail |
 //! | `GET /healthz`, `GET /readyz` | liveness; Redis and the database reachable |
+//! | `GET /metrics` | Prometheus text: requests by route, status and error code; action outcomes |
 //!
 //! URLs in responses are absolute: `--public-url` when set, else the request's `Host` (and
 //! `X-Forwarded-Proto`), so a client can fetch them as they are.
@@ -76,6 +77,64 @@ pub struct ApiState {
     enq: Enqueuer,
     cfg: ApiConfig,
     placeholder: Bytes,
+    metrics: ApiMetrics,
+}
+
+/// Counters for `/metrics`: every response by route template, status and error code (the
+/// `code` of [`ApiError`], so the error enum decides the label as it decides the status), and
+/// the outcome of every action request.
+#[derive(Debug, Default)]
+pub struct ApiMetrics {
+    requests: std::sync::Mutex<std::collections::BTreeMap<(String, u16, &'static str), u64>>,
+    actions: std::sync::Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
+}
+
+impl ApiMetrics {
+    fn request(&self, route: &str, status: u16, code: &'static str) {
+        if let Ok(mut m) = self.requests.lock() {
+            *m.entry((route.to_string(), status, code)).or_default() += 1;
+        }
+    }
+
+    fn action(&self, action: Action, reply: &ActionReply) {
+        let outcome = match reply {
+            ActionReply::Queued { .. } => "queued",
+            ActionReply::Duplicate { .. } => "duplicate",
+            ActionReply::WrongState { .. } => "wrong_state",
+        };
+        if let Ok(mut m) = self.actions.lock() {
+            *m.entry((action.as_str(), outcome)).or_default() += 1;
+        }
+    }
+
+    /// The Prometheus exposition text.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        out.push_str(
+            "# HELP popcon_api_requests_total API responses by route, status and error code\n",
+        );
+        out.push_str("# TYPE popcon_api_requests_total counter\n");
+        if let Ok(m) = self.requests.lock() {
+            for ((route, status, code), n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "popcon_api_requests_total{{route=\"{route}\",status=\"{status}\",code=\"{code}\"}} {n}"
+                );
+            }
+        }
+        out.push_str("# HELP popcon_api_actions_total Action requests by action and outcome\n");
+        out.push_str("# TYPE popcon_api_actions_total counter\n");
+        if let Ok(m) = self.actions.lock() {
+            for ((action, outcome), n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "popcon_api_actions_total{{action=\"{action}\",outcome=\"{outcome}\"}} {n}"
+                );
+            }
+        }
+        out
+    }
 }
 
 impl std::fmt::Debug for ApiState {
@@ -95,11 +154,16 @@ impl ApiState {
             enq,
             cfg,
             placeholder: Bytes::from(placeholder_png()?),
+            metrics: ApiMetrics::default(),
         }))
     }
 
     pub fn enqueuer(&self) -> &Enqueuer {
         &self.enq
+    }
+
+    pub fn metrics(&self) -> &ApiMetrics {
+        &self.metrics
     }
 }
 
@@ -142,7 +206,39 @@ pub fn routes(state: Arc<ApiState>) -> Router {
         .route("/api/admin/credits", post(grant_credits))
         .route("/files/{*key}", get(file))
         .route(PLACEHOLDER_PATH, get(placeholder))
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
+}
+
+/// Counts every response of a matched route under its template (`/api/job/{job_id}`, never
+/// the id itself: one series per route, not per job).
+async fn track(
+    State(st): State<Arc<ApiState>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let resp = next.run(req).await;
+    let code = resp
+        .extensions()
+        .get::<super::ErrorCode>()
+        .map_or("", |c| c.0);
+    st.metrics.request(&route, resp.status().as_u16(), code);
+    resp
+}
+
+async fn metrics(State(st): State<Arc<ApiState>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        st.metrics.render(),
+    )
 }
 
 // ---- errors from the layers below, mapped once ---------------------------------------------
@@ -547,9 +643,9 @@ async fn emoji_action(
     params: &Params,
 ) -> Result<axum::Json<ActionReply>, ApiError> {
     let idx = idx_of(params)?;
-    Ok(axum::Json(
-        st.enq.emoji_action(&user.id, job_id, action, idx).await?,
-    ))
+    let reply = st.enq.emoji_action(&user.id, job_id, action, idx).await?;
+    st.metrics.action(action, &reply);
+    Ok(axum::Json(reply))
 }
 
 async fn retry(
@@ -584,7 +680,9 @@ async fn approve_all(
     AuthUser(user): AuthUser,
     JobPath(job_id): JobPath,
 ) -> Result<axum::Json<ActionReply>, ApiError> {
-    Ok(axum::Json(st.enq.approve_all(&user.id, &job_id).await?))
+    let reply = st.enq.approve_all(&user.id, &job_id).await?;
+    st.metrics.action(Action::ApproveAll, &reply);
+    Ok(axum::Json(reply))
 }
 
 async fn credits(

@@ -164,6 +164,8 @@ impl IntoResponse for ApiError {
         }
         let body = serde_json::json!({ "error": self.public_message(), "code": self.code() });
         let mut resp = (status, axum::Json(body)).into_response();
+        // The metrics middleware labels the request with this code.
+        resp.extensions_mut().insert(ErrorCode(self.code()));
         if let ApiError::Unauthorized(_) = &self {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -177,6 +179,10 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+/// The `code` of an error response, attached to it for the metrics middleware.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorCode(pub &'static str);
 
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
