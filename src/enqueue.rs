@@ -62,7 +62,7 @@ pub enum EnqueueError {
     #[error("{0}")]
     NotFound(String),
     /// The off-hours flag is set: costly work is refused until it expires or is cleared.
-    #[error("costly work is paused (off-hours); try again in {}s", retry_after.as_secs().max(1))]
+    #[error("costly work is paused (off-hours); try again in {}s", ceil_secs(*retry_after))]
     OffHours { retry_after: Duration },
     /// The charge would take the balance below zero. Nothing was changed.
     #[error("not enough credits: the balance is {balance}, this costs {needed}")]
@@ -84,6 +84,11 @@ pub enum EnqueueError {
     Queue(QueueError),
     #[error(transparent)]
     Blob(#[from] BlobError),
+}
+
+/// Whole seconds, rounded up (as the `Retry-After` header says it), at least 1.
+fn ceil_secs(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
 impl From<StoreError> for EnqueueError {
@@ -563,11 +568,8 @@ impl Enqueuer {
         if action.is_costly() {
             self.check_off_hours().await?;
         }
-        self.under_claim(job_id, action, Some(idx), async {
-            self.claimed_emoji_action(user_id, job_id, action, idx)
-                .await
-        })
-        .await
+        let work = self.claimed_emoji_action(user_id, job_id, action, idx);
+        self.under_claim(job_id, action, Some(idx), work).await
     }
 
     /// Layer 1: runs `work` only if this caller wins the claim (else `duplicate`). The claim
@@ -676,13 +678,8 @@ impl Enqueuer {
     ) -> Result<ActionReply, EnqueueError> {
         let action = Action::ApproveAll;
         self.owned_job(user_id, job_id).await?;
-        self.under_claim(
-            job_id,
-            action,
-            None,
-            self.claimed_approve_all(user_id, job_id),
-        )
-        .await
+        let work = self.claimed_approve_all(user_id, job_id);
+        self.under_claim(job_id, action, None, work).await
     }
 
     async fn claimed_approve_all(
