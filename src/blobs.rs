@@ -21,9 +21,14 @@
 //!   process must share the secret (`POPCON_URL_SECRET`), or a URL signed by one is refused
 //!   by another.
 //!
-//! Not yet here: S3/R2 through the `object_store` crate (a `Blobs::ObjectStore` variant whose
-//! `signed_url` is the store's presigned URL). Nothing in the worker or the API depends on the
-//! backend being local except the zip download, which reads local files.
+//! Two backends ([`Blobs`] is an enum: a closed set, `async fn` without boxing):
+//! - [`Blobs::Local`]: a directory (the default, `POPCON_RESULTS`, `./results`); signed URLs
+//!   are the API's own (`/files/{key}?exp&sig`, checked by [`UrlSigner`]).
+//! - [`Blobs::S3`]: an S3-compatible bucket through the `object_store` crate — AWS S3,
+//!   Cloudflare R2, MinIO ([`S3Config`], `POPCON_S3_URL=s3://bucket/prefix`, credentials from
+//!   the standard `AWS_*` variables). Signed URLs are the store's presigned GET URLs (SigV4),
+//!   handed straight to the client; public thumbnail paths go through the API's `/files`
+//!   (which reads the bucket) or a CDN in front of it (`public_base`).
 
 use std::path::{Path, PathBuf};
 
@@ -45,12 +50,40 @@ pub enum BlobError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The object store failed (network, throttling, credentials).
+    #[error("object store: {0}")]
+    Store(#[source] object_store::Error),
+    /// The operation needs the other backend (a local path of an S3 object).
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+impl From<object_store::Error> for BlobError {
+    fn from(e: object_store::Error) -> Self {
+        match e {
+            object_store::Error::NotFound { path, .. } => BlobError::NotFound(path),
+            other => BlobError::Store(other),
+        }
+    }
 }
 
 impl BlobError {
     /// Whether trying again later can succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, BlobError::Io { .. })
+        match self {
+            BlobError::Io { .. } => true,
+            // Network trouble and throttling pass; a refused credential or a bad
+            // configuration does not.
+            BlobError::Store(e) => !matches!(
+                e,
+                object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }
+                    | object_store::Error::NotSupported { .. }
+                    | object_store::Error::NotImplemented
+                    | object_store::Error::UnknownConfigurationKey { .. }
+            ),
+            _ => false,
+        }
     }
 }
 
@@ -69,6 +102,58 @@ pub struct BlobsConfig {
     /// `None`: a random one per process, so URLs die with the process and are refused by
     /// other API processes.
     pub url_secret: Option<String>,
+    /// Store in an S3-compatible bucket instead of `root`.
+    pub s3: Option<S3Config>,
+}
+
+/// An S3-compatible bucket. Unset fields come from the standard environment variables
+/// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT`, …), as the
+/// AWS tools read them.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct S3Config {
+    /// `s3://bucket[/prefix]` (env `POPCON_S3_URL`).
+    pub url: String,
+    /// e.g. `https://<account>.r2.cloudflarestorage.com` for R2, `http://127.0.0.1:9000`.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Allow a plain-HTTP endpoint (local test servers).
+    pub allow_http: bool,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("url", &self.url)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "***"),
+            )
+            .field("allow_http", &self.allow_http)
+            .finish()
+    }
+}
+
+impl S3Config {
+    /// Splits `s3://bucket[/prefix]`.
+    fn bucket_and_prefix(&self) -> Result<(String, String), BlobError> {
+        let rest = self.url.strip_prefix("s3://").ok_or_else(|| {
+            BlobError::Config(format!("`{}`: expected s3://bucket[/prefix]", self.url))
+        })?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(BlobError::Config(format!("`{}`: no bucket name", self.url)));
+        }
+        let prefix = prefix.trim_matches('/');
+        if !prefix.is_empty() {
+            check_key(prefix)?;
+        }
+        Ok((bucket.to_string(), prefix.to_string()))
+    }
 }
 
 impl std::fmt::Debug for BlobsConfig {
@@ -77,6 +162,7 @@ impl std::fmt::Debug for BlobsConfig {
             .field("root", &self.root)
             .field("public_base", &self.public_base)
             .field("url_secret", &self.url_secret.as_ref().map(|_| "***"))
+            .field("s3", &self.s3)
             .finish()
     }
 }
@@ -87,6 +173,7 @@ impl Default for BlobsConfig {
             root: PathBuf::from("results"),
             public_base: DEFAULT_PUBLIC_BASE.into(),
             url_secret: None,
+            s3: None,
         }
     }
 }
@@ -106,6 +193,29 @@ impl BlobsConfig {
 pub enum Blobs {
     /// A local directory: the embedded default.
     Local(LocalDir),
+    /// An S3-compatible bucket.
+    S3(S3Bucket),
+}
+
+/// The S3 backend: keys live under `prefix/` in the bucket.
+#[derive(Debug, Clone)]
+pub struct S3Bucket {
+    store: std::sync::Arc<object_store::aws::AmazonS3>,
+    bucket: String,
+    prefix: String,
+    public_base: String,
+    signer: UrlSigner,
+}
+
+impl S3Bucket {
+    fn path_of(&self, key: &str) -> Result<object_store::path::Path, BlobError> {
+        check_key(key)?;
+        Ok(if self.prefix.is_empty() {
+            object_store::path::Path::from(key)
+        } else {
+            object_store::path::Path::from(format!("{}/{key}", self.prefix))
+        })
+    }
 }
 
 /// The local-directory backend.
@@ -217,6 +327,38 @@ pub fn is_public_key(key: &str) -> bool {
 impl Blobs {
     /// Opens the configured backend (creating the local root if missing).
     pub fn open(cfg: &BlobsConfig) -> Result<Blobs, BlobError> {
+        let signer = match &cfg.url_secret {
+            Some(secret) => UrlSigner::new(secret.as_bytes())?,
+            None => UrlSigner::random(),
+        };
+        let public_base = cfg.public_base.trim_end_matches('/').to_string();
+        if let Some(s3) = &cfg.s3 {
+            let (bucket, prefix) = s3.bucket_and_prefix()?;
+            let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&bucket);
+            if let Some(e) = &s3.endpoint {
+                b = b.with_endpoint(e);
+            }
+            if let Some(r) = &s3.region {
+                b = b.with_region(r);
+            }
+            if let Some(k) = &s3.access_key_id {
+                b = b.with_access_key_id(k);
+            }
+            if let Some(k) = &s3.secret_access_key {
+                b = b.with_secret_access_key(k);
+            }
+            if s3.allow_http {
+                b = b.with_allow_http(true);
+            }
+            let store = b.build().map_err(|e| BlobError::Config(e.to_string()))?;
+            return Ok(Blobs::S3(S3Bucket {
+                store: std::sync::Arc::new(store),
+                bucket,
+                prefix,
+                public_base,
+                signer,
+            }));
+        }
         std::fs::create_dir_all(&cfg.root).map_err(|source| BlobError::Io {
             path: cfg.root.clone(),
             source,
@@ -226,11 +368,6 @@ impl Blobs {
             path: cfg.root.clone(),
             source,
         })?;
-        let signer = match &cfg.url_secret {
-            Some(secret) => UrlSigner::new(secret.as_bytes())?,
-            None => UrlSigner::random(),
-        };
-        let public_base = cfg.public_base.trim_end_matches('/').to_string();
         Ok(Blobs::Local(LocalDir {
             root,
             public_base,
@@ -238,32 +375,70 @@ impl Blobs {
         }))
     }
 
-    /// The signer of this store's URLs.
+    /// The signer of the API's own URLs (`/files/{key}?exp&sig`).
     pub fn signer(&self) -> &UrlSigner {
         match self {
             Blobs::Local(dir) => &dir.signer,
+            Blobs::S3(b) => &b.signer,
+        }
+    }
+
+    fn public_base(&self) -> &str {
+        match self {
+            Blobs::Local(dir) => &dir.public_base,
+            Blobs::S3(b) => &b.public_base,
         }
     }
 
     /// `{public_base}/{key}`: where a thumbnail is read without a signature.
     pub fn public_url(&self, key: &str) -> Result<String, BlobError> {
         check_key(key)?;
+        Ok(format!("{}/{key}", self.public_base()))
+    }
+
+    /// A URL that reads `key` for `ttl` from now: `{public_base}/{key}?exp=…&sig=…` (served by
+    /// the API) for a local folder, the store's presigned GET URL for S3.
+    pub async fn signed_url(
+        &self,
+        key: &str,
+        ttl: std::time::Duration,
+    ) -> Result<String, BlobError> {
         match self {
-            Blobs::Local(dir) => Ok(format!("{}/{key}", dir.public_base)),
+            Blobs::Local(dir) => {
+                check_key(key)?;
+                let secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2);
+                let expires = chrono::Utc::now().timestamp().saturating_add(secs);
+                Ok(format!(
+                    "{}/{key}?exp={expires}&sig={}",
+                    dir.public_base,
+                    dir.signer.sign(key, expires)
+                ))
+            }
+            Blobs::S3(b) => {
+                use object_store::signer::Signer;
+                let url = b
+                    .store
+                    .signed_url(axum::http::Method::GET, &b.path_of(key)?, ttl)
+                    .await?;
+                Ok(url.to_string())
+            }
         }
     }
 
-    /// `{public_base}/{key}?exp=…&sig=…`, valid for `ttl` from now.
-    pub fn signed_url(&self, key: &str, ttl: std::time::Duration) -> Result<String, BlobError> {
-        check_key(key)?;
-        let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2);
-        let expires = chrono::Utc::now().timestamp().saturating_add(ttl);
+    /// Whether an object exists under `key`.
+    pub async fn exists(&self, key: &str) -> Result<bool, BlobError> {
         match self {
-            Blobs::Local(dir) => Ok(format!(
-                "{}/{key}?exp={expires}&sig={}",
-                dir.public_base,
-                dir.signer.sign(key, expires)
-            )),
+            Blobs::Local(dir) => Ok(tokio::fs::metadata(dir.path_of(key)?)
+                .await
+                .is_ok_and(|m| m.is_file())),
+            Blobs::S3(b) => {
+                use object_store::ObjectStore;
+                match b.store.head(&b.path_of(key)?).await {
+                    Ok(_) => Ok(true),
+                    Err(object_store::Error::NotFound { .. }) => Ok(false),
+                    Err(e) => Err(e.into()),
+                }
+            }
         }
     }
 
@@ -278,6 +453,24 @@ impl Blobs {
                         path: PathBuf::from(key),
                         source: std::io::Error::other(e.to_string()),
                     })?
+            }
+            Blobs::S3(b) => {
+                use object_store::ObjectStore;
+                // A single PUT: S3 makes it visible whole or not at all. The content type is
+                // stored with it, so presigned URLs serve the image as an image.
+                let mut attributes = object_store::Attributes::new();
+                attributes.insert(
+                    object_store::Attribute::ContentType,
+                    content_type(key).into(),
+                );
+                b.store
+                    .put_opts(
+                        &b.path_of(key)?,
+                        object_store::PutPayload::from(bytes),
+                        attributes.into(),
+                    )
+                    .await?;
+                Ok(())
             }
         }
     }
@@ -295,13 +488,22 @@ impl Blobs {
                     Err(source) => Err(BlobError::Io { path, source }),
                 }
             }
+            Blobs::S3(b) => {
+                use object_store::ObjectStore;
+                let r = b.store.get(&b.path_of(key)?).await.map_err(|e| match e {
+                    object_store::Error::NotFound { .. } => BlobError::NotFound(key.to_string()),
+                    other => other.into(),
+                })?;
+                Ok(r.bytes().await?.to_vec())
+            }
         }
     }
 
-    /// Where a reader fetches `key`: a `file://` URL for the local backend.
+    /// Where `key` is stored: a `file://` URL, or `s3://bucket/path`.
     pub fn url_for(&self, key: &str) -> Result<String, BlobError> {
         match self {
             Blobs::Local(dir) => Ok(format!("file://{}", dir.path_of(key)?.display())),
+            Blobs::S3(b) => Ok(format!("s3://{}/{}", b.bucket, b.path_of(key)?)),
         }
     }
 
@@ -309,6 +511,7 @@ impl Blobs {
     pub fn local_path(&self, key: &str) -> Result<PathBuf, BlobError> {
         match self {
             Blobs::Local(dir) => dir.path_of(key),
+            Blobs::S3(_) => Err(BlobError::Unsupported("objects in S3 have no local path")),
         }
     }
 }
@@ -317,6 +520,20 @@ impl LocalDir {
     fn path_of(&self, key: &str) -> Result<PathBuf, BlobError> {
         check_key(key)?;
         Ok(self.root.join(key))
+    }
+}
+
+/// The media type of an object, from its key's extension.
+pub fn content_type(key: &str) -> &'static str {
+    match key
+        .rsplit_once('.')
+        .map(|(_, ext)| ext.to_ascii_lowercase())
+    {
+        Some(ext) if ext == "png" => "image/png",
+        Some(ext) if ext == "jpg" || ext == "jpeg" => "image/jpeg",
+        Some(ext) if ext == "webp" => "image/webp",
+        Some(ext) if ext == "zip" => "application/zip",
+        _ => "application/octet-stream",
     }
 }
 

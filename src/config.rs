@@ -2,8 +2,9 @@
 //! optional TOML file.
 //!
 //! The clap argument structs live here (not in `main.rs`) so that the mapping from flags, env
-//! vars (`REDIS_URL`, `DATABASE_URL`, `POPCON_RESULTS`, `POPCON_MODELS_DIR`, `POPCON_CONFIG`;
-//! `HF_HOME` is read by the engine's weight lookup) and the file ([`FileConfig`]) to
+//! vars (`REDIS_URL`, `DATABASE_URL`, `POPCON_RESULTS`, `POPCON_S3_URL`, `POPCON_MODELS_DIR`,
+//! `POPCON_CONFIG`; `HF_HOME` is read by the engine's weight lookup) and the file
+//! ([`FileConfig`]) to
 //! [`WorkerConfig`] is one tested function, and tests can build a [`WorkerConfig`] directly
 //! without flags.
 //!
@@ -172,6 +173,8 @@ pub struct FileConfig {
     pub results: Option<PathBuf>,
     pub public_base: Option<String>,
     pub url_secret: Option<String>,
+    pub s3_url: Option<String>,
+    pub s3_endpoint: Option<String>,
     /// `generate_set=1,retry=1,…` (see `--prices`).
     pub prices: Option<String>,
     /// The API's listen address and public origin (`popcon-worker api`).
@@ -291,6 +294,14 @@ pub struct ConnectionArgs {
     /// var or the settings file to a flag) [default: random per process].
     #[arg(long, env = "POPCON_URL_SECRET", hide_env_values = true)]
     pub url_secret: Option<String>,
+    /// Store result images in an S3-compatible bucket, `s3://bucket[/prefix]`, instead of the
+    /// results folder (credentials and region from the AWS_* variables).
+    #[arg(long, env = "POPCON_S3_URL")]
+    pub s3_url: Option<String>,
+    /// The S3 endpoint, e.g. `https://<account>.r2.cloudflarestorage.com` for R2 [env:
+    /// AWS_ENDPOINT also works].
+    #[arg(long, env = "POPCON_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
 }
 
 /// [`ConnectionArgs`] resolved against the file and the defaults. Its `Debug` hides the URL
@@ -303,6 +314,8 @@ pub struct Connection {
     pub prefix: String,
     pub public_base: String,
     pub url_secret: Option<String>,
+    pub s3_url: Option<String>,
+    pub s3_endpoint: Option<String>,
 }
 
 impl ConnectionArgs {
@@ -342,6 +355,8 @@ impl ConnectionArgs {
                 .or_else(|| f.public_base.clone())
                 .unwrap_or_else(|| crate::blobs::DEFAULT_PUBLIC_BASE.into()),
             url_secret: self.url_secret.clone().or_else(|| f.url_secret.clone()),
+            s3_url: self.s3_url.clone().or_else(|| f.s3_url.clone()),
+            s3_endpoint: self.s3_endpoint.clone().or_else(|| f.s3_endpoint.clone()),
         }
     }
 }
@@ -355,6 +370,8 @@ impl std::fmt::Debug for Connection {
             .field("prefix", &self.prefix)
             .field("public_base", &self.public_base)
             .field("url_secret", &self.url_secret.as_ref().map(|_| "***"))
+            .field("s3_url", &self.s3_url)
+            .field("s3_endpoint", &self.s3_endpoint)
             .finish()
     }
 }
@@ -399,6 +416,16 @@ impl Connection {
             root: self.results.clone(),
             public_base: self.public_base.clone(),
             url_secret: self.url_secret.clone(),
+            s3: self.s3_url.as_ref().map(|url| crate::blobs::S3Config {
+                url: url.clone(),
+                endpoint: self.s3_endpoint.clone(),
+                // Plain HTTP only when the endpoint says so (a local MinIO or test server).
+                allow_http: self
+                    .s3_endpoint
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("http://")),
+                ..crate::blobs::S3Config::default()
+            }),
         }
     }
 }

@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
+use common::moto_server::MotoServer;
 use common::redis_server::RedisServer;
-use popcon_worker::blobs::{self, Blobs, BlobsConfig};
+use popcon_worker::blobs::{self, Blobs, BlobsConfig, S3Config};
 use popcon_worker::config::{EngineConfig, RetryConfig, ShutdownConfig, StoreConfig, WorkerConfig};
 use popcon_worker::enqueue::{DispatchHook, EnqueueConfig, Enqueuer, Prices};
 use popcon_worker::http::api::{ApiConfig, ApiState};
@@ -34,8 +35,10 @@ struct Api {
     store: Store,
     queue: Queue,
     blobs: Blobs,
+    blobs_cfg: BlobsConfig,
     stop: ShutdownTrigger,
     worker: Option<(ShutdownTrigger, tokio::task::JoinHandle<()>)>,
+    _moto: Option<MotoServer>,
 }
 
 #[derive(Default)]
@@ -44,6 +47,20 @@ struct Options {
     worker: bool,
     /// Make every upload of the worker fail (a file where the `jobs/` folder should be).
     break_uploads: bool,
+    /// Keep the images in an S3 bucket (a real moto server) instead of a folder.
+    s3: bool,
+}
+
+/// An S3 bucket on `moto` for the blobs.
+fn s3_config(moto: &MotoServer) -> S3Config {
+    S3Config {
+        url: "s3://popcon/results".into(),
+        endpoint: Some(moto.endpoint()),
+        region: Some("us-east-1".into()),
+        access_key_id: Some("testing".into()),
+        secret_access_key: Some("testing".into()),
+        allow_http: true,
+    }
 }
 
 fn db_url(dir: &Path) -> String {
@@ -83,10 +100,17 @@ impl Api {
         let redis = Arc::new(Mutex::new(RedisServer::start()));
         let redis_url = redis.lock().unwrap().url();
         let dir = tempfile::tempdir().unwrap();
+        let mut blobs_cfg = blobs_config(dir.path());
+        let moto = opts.s3.then(|| {
+            let moto = MotoServer::start();
+            moto.create_bucket("popcon");
+            blobs_cfg.s3 = Some(s3_config(&moto));
+            moto
+        });
         let (store, queue, blobs) = rt.block_on(async {
             let store = Store::connect(&db_url(dir.path())).await.unwrap();
             let queue = Queue::connect(queue_config(&redis_url)).await.unwrap();
-            let blobs = Blobs::open(&blobs_config(dir.path())).unwrap();
+            let blobs = Blobs::open(&blobs_cfg).unwrap();
             (store, queue, blobs)
         });
         let mut enq = Enqueuer::new(
@@ -123,8 +147,10 @@ impl Api {
             store,
             queue,
             blobs,
+            blobs_cfg,
             stop,
             worker: None,
+            _moto: moto,
         };
         if opts.worker {
             api.start_worker();
@@ -141,7 +167,7 @@ impl Api {
             store: StoreConfig {
                 url: db_url(self.dir.path()),
             },
-            blobs: blobs_config(self.dir.path()),
+            blobs: self.blobs_cfg.clone(),
             engine: EngineConfig {
                 model: "tiny".into(),
                 models_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/models").into(),
@@ -1166,6 +1192,104 @@ fn a_set_submitted_over_http_is_finished_by_the_daemon_and_its_card_shows_a_thum
     });
     assert_eq!(view["status"], "done");
     assert_eq!(api.balance("jo"), 7);
+}
+
+// ---- images in an S3 bucket (a real moto server) ---------------------------------------------
+
+#[test]
+fn s3_blobs_round_trip_and_hand_out_presigned_urls() {
+    let moto = MotoServer::start();
+    moto.create_bucket("popcon");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let blobs = Blobs::open(&BlobsConfig {
+        s3: Some(s3_config(&moto)),
+        ..BlobsConfig::at("/nonexistent-never-created")
+    })
+    .unwrap();
+    let key = blobs::keys::emoji("j1", 0, 1);
+    let data = png(12, 7);
+    rt.block_on(async {
+        assert!(!blobs.exists(&key).await.unwrap());
+        assert!(matches!(
+            blobs.get(&key).await.unwrap_err(),
+            popcon_worker::blobs::BlobError::NotFound(_)
+        ));
+        blobs.put(&key, data.clone()).await.unwrap();
+        assert!(blobs.exists(&key).await.unwrap());
+        assert_eq!(blobs.get(&key).await.unwrap(), data);
+        assert_eq!(
+            blobs.url_for(&key).unwrap(),
+            format!("s3://popcon/results/{key}")
+        );
+        assert_eq!(blobs.public_url(&key).unwrap(), format!("/files/{key}"));
+        assert!(blobs.local_path(&key).is_err());
+        assert!(blobs.put("../escape", vec![1]).await.is_err());
+    });
+    assert!(!Path::new("/nonexistent-never-created").exists());
+    // The presigned URL reads the object straight from the bucket, without our API.
+    let url = rt
+        .block_on(blobs.signed_url(&key, Duration::from_secs(60)))
+        .unwrap();
+    assert!(url.starts_with(&moto.endpoint()), "{url}");
+    assert!(url.contains("X-Amz-Signature="), "{url}");
+    let mut body = Vec::new();
+    get_raw(&url).into_reader().read_to_end(&mut body).unwrap();
+    assert_eq!(body, data);
+    // A bad location is a precise, permanent error.
+    let err = Blobs::open(&BlobsConfig {
+        s3: Some(S3Config {
+            url: "popcon/results".into(),
+            ..s3_config(&moto)
+        }),
+        ..BlobsConfig::default()
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("s3://bucket"), "{err}");
+    assert!(!err.is_retryable());
+}
+
+#[test]
+fn with_images_in_s3_a_set_is_finished_and_served_thumbnail_urls_and_zip() {
+    let api = Api::start_with(Options {
+        worker: true,
+        s3: true,
+        ..Options::default()
+    });
+    let token = api.user("sam", 10, false);
+    let job = api.set(&token, &["happy", "sad"]);
+    let view = api.wait_job(&token, &job, "the set", |b| b["status"] == "done");
+    // Full images: presigned URLs into the bucket.
+    for e in view["emoji"].as_array().unwrap() {
+        let url = e["url"].as_str().unwrap();
+        assert!(url.contains("X-Amz-Signature="), "{url}");
+        fetch_png(url);
+    }
+    // The card's thumbnail: the public path the worker wrote, served by the API from the bucket.
+    let (_, list) = get(&api.url("/api/jobs"), Some(&token));
+    let c = card(&list, &job);
+    assert_eq!(c["thumbnail_source"], "path", "{c}");
+    fetch_png(c["thumbnail_url"].as_str().unwrap());
+    // Nothing went to the local folder.
+    assert!(!api.dir.path().join("results/jobs").exists());
+
+    let r = finish_response(
+        authed(
+            agent().get(&api.url(&format!("/api/job/{job}/download"))),
+            Some(&token),
+        )
+        .call(),
+    );
+    assert_eq!(r.status(), 200);
+    let mut bytes = Vec::new();
+    r.into_reader().read_to_end(&mut bytes).unwrap();
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+    assert_eq!(zip.len(), 2);
+    let mut data = Vec::new();
+    zip.by_name("01-sad.png")
+        .unwrap()
+        .read_to_end(&mut data)
+        .unwrap();
+    image::load_from_memory(&data).unwrap();
 }
 
 // ---- the zip download, streamed with bounded memory (the binary, its own process) ------------

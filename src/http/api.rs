@@ -419,8 +419,14 @@ fn absolute(cfg: &ApiConfig, headers: &HeaderMap, url: String) -> String {
 }
 
 impl ApiState {
-    fn signed(&self, headers: &HeaderMap, key: &str) -> Option<String> {
-        match self.enq.blobs().signed_url(key, self.cfg.signed_url_ttl) {
+    async fn signed(&self, headers: &HeaderMap, key: Option<&str>) -> Option<String> {
+        let key = key?;
+        match self
+            .enq
+            .blobs()
+            .signed_url(key, self.cfg.signed_url_ttl)
+            .await
+        {
             Ok(u) => Some(absolute(&self.cfg, headers, u)),
             Err(e) => {
                 tracing::warn!(key, error = %e, "cannot sign a stored key");
@@ -430,15 +436,15 @@ impl ApiState {
     }
 
     /// The archive card's thumbnail: path → signed URL of key → emoji 0's image → placeholder.
-    fn thumbnail(&self, headers: &HeaderMap, job: &JobRecord) -> (String, &'static str) {
+    async fn thumbnail(&self, headers: &HeaderMap, job: &JobRecord) -> (String, &'static str) {
         let placeholder = || absolute(&self.cfg, headers, PLACEHOLDER_PATH.to_string());
         match job.thumbnail_source() {
             ThumbnailSource::Path(p) => (absolute(&self.cfg, headers, p), "path"),
-            ThumbnailSource::Key(k) => match self.signed(headers, &k) {
+            ThumbnailSource::Key(k) => match self.signed(headers, Some(&k)).await {
                 Some(u) => (u, "key"),
                 None => (placeholder(), "placeholder"),
             },
-            ThumbnailSource::Emoji0Image(k) => match self.signed(headers, &k) {
+            ThumbnailSource::Emoji0Image(k) => match self.signed(headers, Some(&k)).await {
                 Some(u) => (u, "emoji0"),
                 None => (placeholder(), "placeholder"),
             },
@@ -446,32 +452,29 @@ impl ApiState {
         }
     }
 
-    fn job_view(
+    async fn job_view(
         &self,
         headers: &HeaderMap,
         job: &JobRecord,
         progress: Option<&JobProgress>,
     ) -> Value {
-        let (thumbnail_url, thumbnail_source) = self.thumbnail(headers, job);
-        let emoji: Vec<Value> = job
-            .emoji
-            .iter()
-            .map(|e| {
-                let p = progress.and_then(|p| p.emoji.get(&e.idx));
-                json!({
-                    "idx": e.idx,
-                    "label": e.label,
-                    "status": e.status,
-                    "fence": e.fence,
-                    "url": e.image_key.as_deref().and_then(|k| self.signed(headers, k)),
-                    "seed": e.seed,
-                    "attempts": e.attempts,
-                    "error": e.error,
-                    "updated_at": e.updated_at,
-                    "progress": p.map(|p| json!({"step": p.step, "total": p.total, "stage": p.stage})),
-                })
-            })
-            .collect();
+        let (thumbnail_url, thumbnail_source) = self.thumbnail(headers, job).await;
+        let mut emoji = Vec::with_capacity(job.emoji.len());
+        for e in &job.emoji {
+            let p = progress.and_then(|p| p.emoji.get(&e.idx));
+            emoji.push(json!({
+                "idx": e.idx,
+                "label": e.label,
+                "status": e.status,
+                "fence": e.fence,
+                "url": self.signed(headers, e.image_key.as_deref()).await,
+                "seed": e.seed,
+                "attempts": e.attempts,
+                "error": e.error,
+                "updated_at": e.updated_at,
+                "progress": p.map(|p| json!({"step": p.step, "total": p.total, "stage": p.stage})),
+            }));
+        }
         json!({
             "id": job.id,
             "status": job.status,
@@ -482,8 +485,8 @@ impl ApiState {
             "updated_at": job.updated_at,
             "thumbnail_url": thumbnail_url,
             "thumbnail_source": thumbnail_source,
-            "pose_url": job.pose_key.as_deref().and_then(|k| self.signed(headers, k)),
-            "reference_url": job.reference_key.as_deref().and_then(|k| self.signed(headers, k)),
+            "pose_url": self.signed(headers, job.pose_key.as_deref()).await,
+            "reference_url": self.signed(headers, job.reference_key.as_deref()).await,
             "download_url": absolute(&self.cfg, headers, format!("/api/job/{}/download", job.id)),
             "emoji_total": job.emoji.len(),
             "emoji_done": done_count(job),
@@ -618,7 +621,7 @@ async fn generate_set(
         },
     };
     let submitted = st.enq.generate_set(&req).await?;
-    let mut view = st.job_view(&headers, &submitted.job, None);
+    let mut view = st.job_view(&headers, &submitted.job, None).await;
     view["charged"] = json!(submitted.charged.as_ref().map_or(0, |c| c.amount));
     view["deduped"] = json!(submitted.deduped);
     if let Some(c) = &submitted.charged {
@@ -709,7 +712,9 @@ async fn job(
             None
         }
     };
-    Ok(axum::Json(st.job_view(&headers, &job, progress.as_ref())))
+    Ok(axum::Json(
+        st.job_view(&headers, &job, progress.as_ref()).await,
+    ))
 }
 
 async fn jobs(
@@ -738,24 +743,22 @@ async fn jobs(
         .await?;
     let more = list.len() > limit as usize;
     list.truncate(limit as usize);
-    let cards: Vec<Value> = list
-        .iter()
-        .map(|j| {
-            let (thumbnail_url, source) = st.thumbnail(&headers, j);
-            json!({
-                "id": j.id,
-                "status": j.status,
-                "subject": j.subject,
-                "style": j.style,
-                "created_at": j.created_at,
-                "emoji_total": j.emoji.len(),
-                "emoji_done": done_count(j),
-                "thumbnail_url": thumbnail_url,
-                "thumbnail_source": source,
-                "url": absolute(&st.cfg, &headers, format!("/api/job/{}", j.id)),
-            })
-        })
-        .collect();
+    let mut cards = Vec::with_capacity(list.len());
+    for j in &list {
+        let (thumbnail_url, source) = st.thumbnail(&headers, j).await;
+        cards.push(json!({
+            "id": j.id,
+            "status": j.status,
+            "subject": j.subject,
+            "style": j.style,
+            "created_at": j.created_at,
+            "emoji_total": j.emoji.len(),
+            "emoji_done": done_count(j),
+            "thumbnail_url": thumbnail_url,
+            "thumbnail_source": source,
+            "url": absolute(&st.cfg, &headers, format!("/api/job/{}", j.id)),
+        }));
+    }
     Ok(axum::Json(json!({
         "jobs": cards,
         "limit": limit,
@@ -770,7 +773,7 @@ async fn download_zip(
     JobPath(job_id): JobPath,
 ) -> Result<Response, ApiError> {
     let job = st.enq.owned_job(&user.id, &job_id).await?;
-    download::zip_response(st.enq.blobs(), &job)
+    download::zip_response(st.enq.blobs(), &job).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -914,11 +917,7 @@ async fn file(
             })?;
     }
     let bytes = st.enq.blobs().get(&key).await?;
-    let content_type = if key.ends_with(".png") {
-        "image/png"
-    } else {
-        "application/octet-stream"
-    };
+    let content_type = blobs::content_type(&key);
     // Keys name immutable objects (the fence is in the name): a public thumbnail can be
     // cached for good; a signed URL only by this client, at most until it expires.
     let cache = if public {

@@ -5,15 +5,15 @@
 //! writer: local headers with data descriptors, no seeking) into a [`ChannelWriter`], which
 //! hands 64 KiB chunks to the response body through a bounded channel. A slow client makes
 //! the channel full and the writer wait, so memory per download is a few chunks plus one
-//! `io::copy` buffer, whatever the set's size. Entries are stored, not deflated: PNGs are
+//! image at most (a local file is copied through a small buffer; an S3 object is fetched
+//! whole, one at a time), whatever the set's size. Entries are stored, not deflated: PNGs are
 //! compressed already.
 //!
-//! Every file is checked before the first byte goes out: once the status line is sent, a
-//! missing file could only end the stream early, which a client sees as a corrupt archive.
+//! Every object is checked before the first byte goes out: once the status line is sent, a
+//! missing one could only end the stream early, which a client sees as a corrupt archive.
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::path::PathBuf;
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, header};
@@ -90,8 +90,8 @@ fn entry_name(idx: u32, label: &str) -> String {
     format!("{idx:02}-{slug}.png")
 }
 
-/// The files to put in the archive: every done or approved emoji's image.
-fn entries(blobs: &Blobs, job: &JobRecord) -> Result<Vec<(String, PathBuf)>, ApiError> {
+/// The archive's entries: `(entry name, blob key)` of every done or approved emoji.
+async fn entries(blobs: &Blobs, job: &JobRecord) -> Result<Vec<(String, String)>, ApiError> {
     let mut out = Vec::new();
     for e in &job.emoji {
         if !matches!(e.status, EmojiStatus::Done | EmojiStatus::Approved) {
@@ -100,37 +100,58 @@ fn entries(blobs: &Blobs, job: &JobRecord) -> Result<Vec<(String, PathBuf)>, Api
         let Some(key) = e.image_key.as_deref() else {
             continue;
         };
-        let path = blobs.local_path(key)?;
-        if !path.is_file() {
+        if !blobs.exists(key).await? {
             return Err(ApiError::Internal(format!(
                 "emoji {} of job {} is done but its image {key} is missing",
                 e.idx, job.id
             )));
         }
-        out.push((entry_name(e.idx, &e.label), path));
+        out.push((entry_name(e.idx, &e.label), key.to_string()));
     }
     Ok(out)
 }
 
-/// Writes the archive of `files` into `out` (on a blocking thread).
-pub fn write_zip<W: Write>(files: &[(String, PathBuf)], out: W) -> zip::result::ZipResult<W> {
+/// Writes the archive of `entries` (`(name, key)`) into `out`, reading each object through
+/// `open` (on a blocking thread).
+pub fn write_zip<W: Write>(
+    entries: &[(String, String)],
+    mut open: impl FnMut(&str) -> io::Result<Box<dyn io::Read>>,
+    out: W,
+) -> zip::result::ZipResult<W> {
     let mut zip = zip::ZipWriter::new_stream(out);
     let options = SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Stored)
         .unix_permissions(0o644);
-    for (name, path) in files {
+    for (name, key) in entries {
         zip.start_file(name.as_str(), options)?;
-        let mut f = File::open(path)?;
-        io::copy(&mut f, &mut zip)?;
+        let mut src = open(key)?;
+        io::copy(&mut src, &mut zip)?;
     }
     let mut stream = zip.finish()?;
     stream.flush()?;
     Ok(stream.into_inner())
 }
 
+/// Opens one object for the writer thread.
+fn opener(blobs: Blobs) -> impl FnMut(&str) -> io::Result<Box<dyn io::Read>> {
+    let handle = tokio::runtime::Handle::current();
+    move |key: &str| -> io::Result<Box<dyn io::Read>> {
+        match &blobs {
+            Blobs::Local(_) => {
+                let path = blobs.local_path(key).map_err(io::Error::other)?;
+                Ok(Box::new(File::open(path)?))
+            }
+            Blobs::S3(_) => {
+                let bytes = handle.block_on(blobs.get(key)).map_err(io::Error::other)?;
+                Ok(Box::new(io::Cursor::new(bytes)))
+            }
+        }
+    }
+}
+
 /// The streamed response for `job`'s download.
-pub fn zip_response(blobs: &Blobs, job: &JobRecord) -> Result<Response, ApiError> {
-    let files = entries(blobs, job)?;
+pub async fn zip_response(blobs: &Blobs, job: &JobRecord) -> Result<Response, ApiError> {
+    let files = entries(blobs, job).await?;
     if files.is_empty() {
         return Err(ApiError::Conflict(format!(
             "job `{}` has no finished images yet",
@@ -139,9 +160,10 @@ pub fn zip_response(blobs: &Blobs, job: &JobRecord) -> Result<Response, ApiError
     }
     let (tx, mut rx) = mpsc::channel::<io::Result<Bytes>>(DEPTH);
     let job_id = job.id.clone();
+    let open = opener(blobs.clone());
     tokio::task::spawn_blocking(move || {
         let err_tx = tx.clone();
-        let result = write_zip(&files, ChannelWriter::new(tx)).and_then(|mut w| {
+        let result = write_zip(&files, open, ChannelWriter::new(tx)).and_then(|mut w| {
             w.flush()?;
             Ok(())
         });
@@ -184,14 +206,14 @@ mod tests {
 
     #[test]
     fn the_archive_round_trips() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut files = Vec::new();
-        for i in 0..3u8 {
-            let p = dir.path().join(format!("{i}.png"));
-            std::fs::write(&p, vec![i; 100_000 + usize::from(i)]).unwrap();
-            files.push((entry_name(u32::from(i), "x"), p));
-        }
-        let bytes = write_zip(&files, Vec::new()).unwrap();
+        let files: Vec<(String, String)> = (0..3u8)
+            .map(|i| (entry_name(u32::from(i), "x"), i.to_string()))
+            .collect();
+        let open = |key: &str| -> io::Result<Box<dyn io::Read>> {
+            let i: u8 = key.parse().map_err(io::Error::other)?;
+            Ok(Box::new(io::Cursor::new(vec![i; 100_000 + usize::from(i)])))
+        };
+        let bytes = write_zip(&files, open, Vec::new()).unwrap();
         let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
         assert_eq!(archive.len(), 3);
         for i in 0..3u8 {

@@ -1,1 +1,2 @@
+pub mod moto_server;
 pub mod redis_server;
