@@ -911,10 +911,7 @@ async fn file(
             .blobs()
             .signer()
             .verify(&key, exp, sig, chrono::Utc::now().timestamp())
-            .map_err(|e| match e {
-                SignatureError::Missing => ApiError::Forbidden(e.to_string()),
-                other => ApiError::Forbidden(other.to_string()),
-            })?;
+            .map_err(|e: SignatureError| ApiError::Forbidden(e.to_string()))?;
     }
     let bytes = st.enq.blobs().get(&key).await?;
     let content_type = blobs::content_type(&key);
