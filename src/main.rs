@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use popcon_worker::engine::config::ModelSpecs;
 use popcon_worker::engine::preset::{ModelSource, PresetRegistry, SchedulerKind};
 use popcon_worker::engine::weights::{self, ModelFiles};
 use popcon_worker::engine::{
@@ -141,6 +142,11 @@ struct GenerateArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
+    /// Run the preset's architecture at its real size with random weights instead of loading
+    /// a checkpoint (benchmarks on hosts without the weights; the images are noise). The CLIP
+    /// tokenizer comes from the tiny model in the models folder.
+    #[arg(long, conflicts_with = "model_dir")]
+    random_weights: bool,
     /// Output folder; images are written as <seed>.png.
     #[arg(long)]
     out: PathBuf,
@@ -289,18 +295,25 @@ fn generate(models_dir: &Path, args: GenerateArgs) -> Result<(), Failure> {
     }
     req.validate().map_err(anyhow::Error::from)?;
 
-    let files = ModelFiles::locate(&preset, models_dir, args.model_dir.as_deref())
-        .map_err(anyhow::Error::from)?;
+    let options = EngineOptions {
+        device: args.device,
+        dtype: None,
+    };
     let load_start = std::time::Instant::now();
-    let engine = Engine::load(
-        &preset,
-        &files,
-        &EngineOptions {
-            device: args.device,
-            dtype: None,
-        },
-    )
-    .context("loading the model")?;
+    let engine = if args.random_weights {
+        let tokenizer = models_dir.join("tiny/tokenizer");
+        Engine::with_random_weights(
+            &preset,
+            ModelSpecs::reference(preset.architecture),
+            &tokenizer,
+            &options,
+        )
+        .context("building the model with random weights")?
+    } else {
+        let files = ModelFiles::locate(&preset, models_dir, args.model_dir.as_deref())
+            .map_err(anyhow::Error::from)?;
+        Engine::load(&preset, &files, &options).context("loading the model")?
+    };
     let load = load_start.elapsed();
     let out = engine
         .generate(&req, &mut no_observer())
@@ -338,7 +351,17 @@ fn generate(models_dir: &Path, args: GenerateArgs) -> Result<(), Failure> {
         println!("{name:<14}{}", ms(d));
     }
     println!("{:<14}{}", "total", ms(load + t.total() + write));
+    if let Some(kb) = peak_rss_kib() {
+        println!("{:<14}{:>10.1}", "peak_rss_mib", kb as f64 / 1024.0);
+    }
     Ok(())
+}
+
+/// The process's peak resident set (`VmHWM`), where the OS reports it (Linux).
+fn peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 fn models(models_dir: &Path, command: ModelsCommand) -> Result<(), Failure> {

@@ -14,6 +14,7 @@ pub mod clip;
 pub mod config;
 pub mod noise;
 pub mod preset;
+pub mod random_weights;
 pub mod scheduler;
 pub mod tokenizer;
 pub mod unet;
@@ -31,6 +32,7 @@ use clip::ClipTextEncoder;
 use config::{ModelSpecs, SchedulerSpec, UNetSpec};
 use noise::{NoiseSource, SeededNoise};
 use preset::{Architecture, ModelPreset, SchedulerKind};
+use random_weights::RandomWeights;
 use scheduler::Scheduler;
 use tokenizer::{ClipTokenizer, TokenizerError};
 use unet::{AddedCond, UNet};
@@ -432,15 +434,14 @@ impl Engine {
         let device = options.device.open()?;
         let dtype = options.default_dtype(&device);
         let vae_dtype = vae_dtype(preset, &specs, dtype);
-        let varmap = candle_nn::VarMap::new();
         let mut tokenizers = Vec::new();
         let mut text_vbs = Vec::new();
         for i in 0..specs.text.len() {
             tokenizers.push(ClipTokenizer::from_dir(tokenizer_dir)?);
-            text_vbs.push(VarBuilder::from_varmap(&varmap, dtype, &device).pp(format!("text{i}")));
+            text_vbs.push(RandomWeights::var_builder(dtype, &device).pp(format!("text{i}")));
         }
-        let unet_vb = VarBuilder::from_varmap(&varmap, dtype, &device).pp("unet");
-        let vae_vb = VarBuilder::from_varmap(&varmap, vae_dtype, &device).pp("vae");
+        let unet_vb = RandomWeights::var_builder(dtype, &device).pp("unet");
+        let vae_vb = RandomWeights::var_builder(vae_dtype, &device).pp("vae");
         Self::build(
             preset, specs, tokenizers, text_vbs, unet_vb, vae_vb, device, dtype, vae_dtype,
         )
