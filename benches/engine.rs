@@ -315,6 +315,7 @@ mod gpu {
         let options = EngineOptions {
             device: DeviceChoice::Cuda(0),
             dtype: None,
+            ..Default::default()
         };
         if let Ok(files) = ModelFiles::locate(preset, &dir, None) {
             let engine =

@@ -13,7 +13,8 @@ use popcon_worker::engine::config::ModelSpecs;
 use popcon_worker::engine::preset::{ModelSource, PresetRegistry, SchedulerKind};
 use popcon_worker::engine::weights::{self, ModelFiles};
 use popcon_worker::engine::{
-    DeviceChoice, Engine, EngineError, EngineOptions, GenerateRequest, InitImage, no_observer,
+    DeviceChoice, Engine, EngineError, EngineOptions, GenerateRequest, InitImage, VaeTiling,
+    no_observer,
 };
 use popcon_worker::kernels::AlphaKey;
 use popcon_worker::pipeline::post::{self, ImageLimits};
@@ -147,6 +148,10 @@ struct GenerateArgs {
     /// tokenizer comes from the tiny model in the models folder.
     #[arg(long, conflicts_with = "model_dir")]
     random_weights: bool,
+    /// VAE decoding in overlapping tiles: `auto` (tiles of the VAE's training size, for
+    /// larger images), `off`, or a tile side in pixels.
+    #[arg(long, default_value = "auto")]
+    vae_tiling: VaeTiling,
     /// Output folder; images are written as <seed>.png.
     #[arg(long)]
     out: PathBuf,
@@ -298,6 +303,7 @@ fn generate(models_dir: &Path, args: GenerateArgs) -> Result<(), Failure> {
     let options = EngineOptions {
         device: args.device,
         dtype: None,
+        vae_tiling: args.vae_tiling,
     };
     let load_start = std::time::Instant::now();
     let engine = if args.random_weights {

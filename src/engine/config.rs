@@ -254,6 +254,31 @@ pub struct VaeSpec {
     pub use_quant_conv: bool,
     #[serde(default = "yes")]
     pub use_post_quant_conv: bool,
+    /// The image side the VAE was trained at: diffusers' tile size for tiled decoding.
+    #[serde(default = "vae_sample_size", deserialize_with = "side_or_pair")]
+    pub sample_size: usize,
+}
+
+/// diffusers' `AutoencoderKL` default.
+fn vae_sample_size() -> usize {
+    32
+}
+
+/// `sample_size` is one side or `[h, w]`; diffusers tiles by the first.
+fn side_or_pair<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Side {
+        One(usize),
+        Pair(Vec<usize>),
+    }
+    match Side::deserialize(d)? {
+        Side::One(n) => Ok(n),
+        Side::Pair(v) => v
+            .first()
+            .copied()
+            .ok_or_else(|| serde::de::Error::custom("sample_size is an empty list")),
+    }
 }
 
 fn three() -> usize {
@@ -439,7 +464,7 @@ impl ModelSpecs {
             layer_norm_eps: 1e-5,
             projection_dim: Some(768),
         };
-        let vae = |scaling_factor: f64, force_upcast: bool| VaeSpec {
+        let vae = |scaling_factor: f64, force_upcast: bool, sample_size: usize| VaeSpec {
             in_channels: 3,
             out_channels: 3,
             block_out_channels: vec![128, 256, 512, 512],
@@ -450,6 +475,7 @@ impl ModelSpecs {
             force_upcast,
             use_quant_conv: true,
             use_post_quant_conv: true,
+            sample_size,
         };
         let sd_unet = |heads: &str, cross: usize, linear: bool| -> UNetJson {
             let json = format!(
@@ -463,7 +489,11 @@ impl ModelSpecs {
         let scheduler: SchedulerSpec =
             serde_json::from_str(r#"{"steps_offset":1}"#).expect("built-in scheduler config");
         let (text, unet, vae) = match arch {
-            Architecture::Sd15 => (vec![clip_l], sd_unet("8", 768, false), vae(0.18215, false)),
+            Architecture::Sd15 => (
+                vec![clip_l],
+                sd_unet("8", 768, false),
+                vae(0.18215, false, 512),
+            ),
             Architecture::Sd2 => (
                 vec![ClipTextSpec {
                     hidden_size: 1024,
@@ -475,7 +505,7 @@ impl ModelSpecs {
                     ..clip_l
                 }],
                 sd_unet("[5,10,20,20]", 1024, true),
-                vae(0.18215, false),
+                vae(0.18215, false, 768),
             ),
             Architecture::Sdxl => {
                 let big_g = ClipTextSpec {
@@ -497,7 +527,7 @@ impl ModelSpecs {
                     "projection_class_embeddings_input_dim":2816}"#,
                 )
                 .expect("built-in SDXL UNet config parses");
-                (vec![clip_l, big_g], unet, vae(0.13025, true))
+                (vec![clip_l, big_g], unet, vae(0.13025, true, 1024))
             }
         };
         Self {

@@ -10,8 +10,11 @@
 //! The engine is synchronous and owns its device: the daemon runs it on a dedicated OS thread
 //! and talks to it through channels, so no candle call ever blocks an async runtime.
 
+pub mod attention;
 pub mod clip;
 pub mod config;
+pub mod cpu;
+pub mod layers;
 pub mod noise;
 pub mod preset;
 pub mod random_weights;
@@ -162,6 +165,40 @@ pub struct EngineOptions {
     pub device: DeviceChoice,
     /// Weight and activation dtype; default f32 on CPU, f16 on CUDA.
     pub dtype: Option<DType>,
+    /// Tiled VAE decoding of large images.
+    pub vae_tiling: VaeTiling,
+}
+
+/// When the VAE decodes an image in overlapping, blended tiles (diffusers' `enable_vae_tiling`)
+/// rather than whole. Images are always decoded one at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VaeTiling {
+    /// Tiles of the VAE's training size (`sample_size`: 768 px for SD 2.x, 1024 for SDXL),
+    /// for images larger than that; smaller ones decode whole, as in diffusers.
+    #[default]
+    Auto,
+    /// Tiles of this many pixels (a multiple of the VAE's 8), for images larger than that.
+    Pixels(usize),
+    /// Whole images, whatever their size.
+    Off,
+}
+
+impl std::str::FromStr for VaeTiling {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "off" => Ok(Self::Off),
+            n => match n.parse::<usize>() {
+                Ok(px) if px >= 64 && px % 8 == 0 => Ok(Self::Pixels(px)),
+                _ => Err(format!(
+                    "VAE tiling is `auto`, `off` or a tile side in pixels (a multiple of 8, at \
+                     least 64), not `{s}`"
+                )),
+            },
+        }
+    }
 }
 
 impl EngineOptions {
@@ -187,6 +224,7 @@ impl Default for EngineOptions {
         Self {
             device: DeviceChoice::Cpu,
             dtype: None,
+            vae_tiling: VaeTiling::Auto,
         }
     }
 }
@@ -416,9 +454,11 @@ impl Engine {
         }
         let unet_vb = var_builder(files.path(&preset.weights.unet)?, dtype, &device)?;
         let vae_vb = var_builder(files.path(&preset.weights.vae)?, vae_dtype, &device)?;
-        Self::build(
+        let mut engine = Self::build(
             preset, specs, tokenizers, text_vbs, unet_vb, vae_vb, device, dtype, vae_dtype,
-        )
+        )?;
+        engine.set_vae_tiling(options.vae_tiling);
+        Ok(engine)
     }
 
     /// An engine with `specs`' shapes and freshly initialised random weights: the same
@@ -442,9 +482,11 @@ impl Engine {
         }
         let unet_vb = RandomWeights::var_builder(dtype, &device).pp("unet");
         let vae_vb = RandomWeights::var_builder(vae_dtype, &device).pp("vae");
-        Self::build(
+        let mut engine = Self::build(
             preset, specs, tokenizers, text_vbs, unet_vb, vae_vb, device, dtype, vae_dtype,
-        )
+        )?;
+        engine.set_vae_tiling(options.vae_tiling);
+        Ok(engine)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -534,6 +576,19 @@ impl Engine {
 
     pub fn preset(&self) -> &ModelPreset {
         &self.preset
+    }
+
+    /// Changes when the VAE decodes in tiles (see [`VaeTiling`]).
+    pub fn set_vae_tiling(&mut self, tiling: VaeTiling) {
+        let sample = match tiling {
+            VaeTiling::Auto => Some(self.vae.spec.sample_size),
+            VaeTiling::Pixels(px) => Some(px),
+            VaeTiling::Off => None,
+        };
+        self.vae.set_tiling(sample.map(|sample| vae::Tiling {
+            sample,
+            overlap: 0.25,
+        }));
     }
 
     pub fn device(&self) -> &Device {

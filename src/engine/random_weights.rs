@@ -128,8 +128,11 @@ mod tests {
         assert_eq!(v1, again.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         let other = vb.get_with_hints((16, 16), "w2", hint).unwrap();
         assert_ne!(v1, other.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        // Kaiming-normal with fan-in 16: std 1/4, so every value lies within sqrt(3)/4.
-        assert!(v1.iter().all(|v| v.abs() <= 3f32.sqrt() / 4.0 + 1e-6));
+        // Kaiming-normal (ReLU gain sqrt 2) with fan-in 16: std sqrt(2)/4, drawn uniform, so
+        // every value lies within sqrt(6)/4 and the spread is that std.
+        assert!(v1.iter().all(|v| v.abs() <= 6f32.sqrt() / 4.0 + 1e-6));
+        let std = (v1.iter().map(|v| v * v).sum::<f32>() / v1.len() as f32).sqrt();
+        assert!((std - 2f32.sqrt() / 4.0).abs() < 0.05, "std {std}");
         // A result computed from a plain tensor records no graph (a Var's would).
         let y = w1.matmul(&w1).unwrap();
         assert!(!y.track_op());

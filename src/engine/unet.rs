@@ -1,4 +1,6 @@
-//! The conditional UNet, assembled from candle's public Stable Diffusion blocks.
+//! The conditional UNet: our resnets, samplers and blocks ([`super::layers`]: the CPU conv and
+//! group-norm kernels live there), our transformer blocks ([`super::attention`]: attention in
+//! bounded memory), candle's timestep embeddings.
 //!
 //! candle's `UNet2DConditionModel` computes the timestep embedding once per batch row. Every
 //! row holds the same timestep, but the small matmuls that embed it run different CPU kernels
@@ -13,38 +15,88 @@
 //! That embedding differs per image, so SDXL batches match single runs to float tolerance
 //! rather than bit for bit.
 
+use super::attention::{SpatialTransformer, TransformerConfig};
 use super::config::TextTimeSpec;
+use super::layers::{Conv2d, Downsample, GroupNorm, ResnetBlock, ResnetConfig, Upsample};
 use candle_core::{D, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 use candle_transformers::models::stable_diffusion::unet_2d::{
     BlockConfig, UNet2DConditionModelConfig,
 };
-use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    CrossAttnDownBlock2D, CrossAttnDownBlock2DConfig, CrossAttnUpBlock2D, CrossAttnUpBlock2DConfig,
-    DownBlock2D, DownBlock2DConfig, UNetMidBlock2DCrossAttn, UNetMidBlock2DCrossAttnConfig,
-    UpBlock2D, UpBlock2DConfig,
-};
 
+/// A down block: resnets, each followed by a transformer when the level has cross-attention
+/// (`CrossAttnDownBlock2D`) or not (`DownBlock2D`), then an optional stride-2 downsampler.
 #[derive(Debug)]
-enum Down {
-    Plain(DownBlock2D),
-    Cross(CrossAttnDownBlock2D),
+struct DownBlock {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<SpatialTransformer>,
+    down: Option<Downsample>,
 }
 
-#[derive(Debug)]
-enum Up {
-    Plain(UpBlock2D),
-    Cross(CrossAttnUpBlock2D),
+impl DownBlock {
+    /// The output and the skip connections it leaves for the up path.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+    ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+        let mut skips = Vec::with_capacity(self.resnets.len() + 1);
+        let mut xs = xs.clone();
+        for (j, r) in self.resnets.iter().enumerate() {
+            xs = r.forward(&xs, Some(temb))?;
+            if let Some(a) = self.attentions.get(j) {
+                xs = a.forward(&xs, context)?;
+            }
+            skips.push(xs.clone());
+        }
+        if let Some(d) = &self.down {
+            xs = d.forward(&xs)?;
+            skips.push(xs.clone());
+        }
+        Ok((xs, skips))
+    }
 }
 
-impl Up {
-    fn resnet_count(&self) -> usize {
-        match self {
-            Up::Plain(b) => b.resnets.len(),
-            Up::Cross(b) => b.upblock.resnets.len(),
+/// An up block: per resnet, the matching skip concatenated on the channels, the resnet and
+/// its transformer (`CrossAttnUpBlock2D`, or none: `UpBlock2D`), then an optional upsampler.
+#[derive(Debug)]
+struct UpBlock {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<SpatialTransformer>,
+    up: Option<Upsample>,
+}
+
+impl UpBlock {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        skips: &[Tensor],
+        temb: &Tensor,
+        size: Option<(usize, usize)>,
+        context: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let mut xs = xs.clone();
+        for (j, r) in self.resnets.iter().enumerate() {
+            xs = Tensor::cat(&[&xs, &skips[skips.len() - j - 1]], 1)?;
+            xs = r.forward(&xs, Some(temb))?;
+            if let Some(a) = self.attentions.get(j) {
+                xs = a.forward(&xs, context)?;
+            }
+        }
+        match &self.up {
+            Some(u) => u.forward(&xs, size),
+            None => Ok(xs),
         }
     }
+}
+
+/// resnet, then (transformer, resnet) per layer, at the lowest resolution.
+#[derive(Debug)]
+struct MidBlock {
+    resnet: ResnetBlock,
+    pairs: Vec<(SpatialTransformer, ResnetBlock)>,
 }
 
 /// SDXL's added conditioning inputs, one row per UNet batch row.
@@ -69,20 +121,16 @@ pub struct UNet {
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
     text_time: Option<TextTime>,
-    down: Vec<Down>,
-    mid: UNetMidBlock2DCrossAttn,
-    up: Vec<Up>,
+    down: Vec<DownBlock>,
+    mid: MidBlock,
+    up: Vec<UpBlock>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
     config: UNet2DConditionModelConfig,
 }
 
 fn conv3(cin: usize, cout: usize, vb: VarBuilder) -> candle_core::Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: 1,
-        ..Default::default()
-    };
-    candle_nn::conv2d(cin, cout, 3, cfg, vb)
+    Conv2d::new(vb, cin, cout, 3, 1, 1)
 }
 
 impl UNet {
@@ -116,64 +164,86 @@ impl UNet {
             None => None,
         };
 
+        let resnet = |vb: VarBuilder, cin: usize, cout: usize, scale: f64| {
+            ResnetBlock::new(
+                vb,
+                ResnetConfig {
+                    cin,
+                    cout,
+                    temb: Some(temb),
+                    groups: config.norm_num_groups,
+                    eps: config.norm_eps,
+                    output_scale_factor: scale,
+                },
+            )
+        };
+        // `attention_head_dim` is candle's (and old diffusers configs') head count per level.
+        let transformer = |vb: VarBuilder, c: usize, b: &BlockConfig, depth: usize| {
+            let heads = b.attention_head_dim;
+            SpatialTransformer::new(
+                vb,
+                TransformerConfig {
+                    channels: c,
+                    heads,
+                    head_dim: c / heads,
+                    depth,
+                    groups: config.norm_num_groups,
+                    context_dim: config.cross_attention_dim,
+                    linear_projection: config.use_linear_projection,
+                },
+            )
+        };
+
         let mut down = Vec::with_capacity(n);
         for (i, b) in blocks.iter().enumerate() {
-            let cin = if i == 0 {
+            let vbi = vb.pp(format!("down_blocks.{i}"));
+            let mut cin = if i == 0 {
                 first
             } else {
                 blocks[i - 1].out_channels
             };
-            let base = DownBlock2DConfig {
-                num_layers: config.layers_per_block,
-                resnet_eps: config.norm_eps,
-                resnet_groups: config.norm_num_groups,
-                add_downsample: i + 1 < n,
-                downsample_padding: config.downsample_padding,
-                ..Default::default()
+            let out = b.out_channels;
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..config.layers_per_block {
+                resnets.push(resnet(vbi.pp(format!("resnets.{j}")), cin, out, 1.0)?);
+                if let Some(depth) = b.use_cross_attn {
+                    attentions.push(transformer(
+                        vbi.pp(format!("attentions.{j}")),
+                        out,
+                        b,
+                        depth,
+                    )?);
+                }
+                cin = out;
+            }
+            let down_sampler = if i + 1 < n {
+                Some(Downsample::new(
+                    vbi.pp("downsamplers.0"),
+                    out,
+                    config.downsample_padding,
+                )?)
+            } else {
+                None
             };
-            let vbi = vb.pp(format!("down_blocks.{i}"));
-            down.push(match b.use_cross_attn {
-                Some(layers) => Down::Cross(CrossAttnDownBlock2D::new(
-                    vbi,
-                    cin,
-                    b.out_channels,
-                    Some(temb),
-                    false,
-                    CrossAttnDownBlock2DConfig {
-                        downblock: base,
-                        attn_num_head_channels: b.attention_head_dim,
-                        cross_attention_dim: config.cross_attention_dim,
-                        sliced_attention_size: config.sliced_attention_size,
-                        use_linear_projection: config.use_linear_projection,
-                        transformer_layers_per_block: layers,
-                    },
-                )?),
-                None => Down::Plain(DownBlock2D::new(
-                    vbi,
-                    cin,
-                    b.out_channels,
-                    Some(temb),
-                    base,
-                )?),
+            down.push(DownBlock {
+                resnets,
+                attentions,
+                down: down_sampler,
             });
         }
 
-        let mid = UNetMidBlock2DCrossAttn::new(
-            vb.pp("mid_block"),
-            last.out_channels,
-            Some(temb),
-            false,
-            UNetMidBlock2DCrossAttnConfig {
-                resnet_eps: config.norm_eps,
-                output_scale_factor: config.mid_block_scale_factor,
-                cross_attn_dim: config.cross_attention_dim,
-                attn_num_head_channels: last.attention_head_dim,
-                resnet_groups: Some(config.norm_num_groups),
-                use_linear_projection: config.use_linear_projection,
-                transformer_layers_per_block: last.use_cross_attn.unwrap_or(1),
-                ..Default::default()
-            },
-        )?;
+        let c = last.out_channels;
+        let vbm = vb.pp("mid_block");
+        let scale = config.mid_block_scale_factor;
+        let depth = last.use_cross_attn.unwrap_or(1);
+        let mid = MidBlock {
+            resnet: resnet(vbm.pp("resnets.0"), c, c, scale)?,
+            pairs: vec![(
+                transformer(vbm.pp("attentions.0"), c, &last, depth)?,
+                resnet(vbm.pp("resnets.1"), c, c, scale)?,
+            )],
+        };
 
         let mut up = Vec::with_capacity(n);
         for i in 0..n {
@@ -185,46 +255,45 @@ impl UNet {
             };
             // The skip connections of this level come from the block below in the down path.
             let skip = blocks[if i == n - 1 { 0 } else { n - i - 2 }].out_channels;
-            let base = UpBlock2DConfig {
-                num_layers: config.layers_per_block + 1,
-                resnet_eps: config.norm_eps,
-                resnet_groups: config.norm_num_groups,
-                add_upsample: i + 1 < n,
-                ..Default::default()
-            };
+            let out = b.out_channels;
             let vbi = vb.pp(format!("up_blocks.{i}"));
-            up.push(match b.use_cross_attn {
-                Some(layers) => Up::Cross(CrossAttnUpBlock2D::new(
-                    vbi,
-                    skip,
-                    prev,
-                    b.out_channels,
-                    Some(temb),
-                    false,
-                    CrossAttnUpBlock2DConfig {
-                        upblock: base,
-                        attn_num_head_channels: b.attention_head_dim,
-                        cross_attention_dim: config.cross_attention_dim,
-                        sliced_attention_size: config.sliced_attention_size,
-                        use_linear_projection: config.use_linear_projection,
-                        transformer_layers_per_block: layers,
-                    },
-                )?),
-                None => Up::Plain(UpBlock2D::new(
-                    vbi,
-                    skip,
-                    prev,
-                    b.out_channels,
-                    Some(temb),
-                    base,
-                )?),
+            let layers = config.layers_per_block + 1;
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..layers {
+                let res_skip = if j == layers - 1 { skip } else { out };
+                let cin = if j == 0 { prev } else { out };
+                resnets.push(resnet(
+                    vbi.pp(format!("resnets.{j}")),
+                    cin + res_skip,
+                    out,
+                    1.0,
+                )?);
+                if let Some(depth) = b.use_cross_attn {
+                    attentions.push(transformer(
+                        vbi.pp(format!("attentions.{j}")),
+                        out,
+                        &b,
+                        depth,
+                    )?);
+                }
+            }
+            let up_sampler = if i + 1 < n {
+                Some(Upsample::new(vbi.pp("upsamplers.0"), out)?)
+            } else {
+                None
+            };
+            up.push(UpBlock {
+                resnets,
+                attentions,
+                up: up_sampler,
             });
         }
-        let norm_out = candle_nn::group_norm(
+        let norm_out = GroupNorm::new(
+            vb.pp("conv_norm_out"),
             config.norm_num_groups,
             first,
             config.norm_eps,
-            vb.pp("conv_norm_out"),
         )?;
         let conv_out = conv3(first, out_channels, vb.pp("conv_out"))?;
         Ok(Self {
@@ -288,16 +357,16 @@ impl UNet {
         let mut skips = vec![xs.clone()];
         let mut xs = xs;
         for block in &self.down {
-            let (out, res) = match block {
-                Down::Plain(b) => b.forward(&xs, Some(&emb))?,
-                Down::Cross(b) => b.forward(&xs, Some(&emb), Some(context))?,
-            };
+            let (out, res) = block.forward(&xs, &emb, context)?;
             skips.extend(res);
             xs = out;
         }
-        let mut xs = self.mid.forward(&xs, Some(&emb), Some(context))?;
+        let mut xs = self.mid.resnet.forward(&xs, Some(&emb))?;
+        for (attn, resnet) in &self.mid.pairs {
+            xs = resnet.forward(&attn.forward(&xs, context)?, Some(&emb))?;
+        }
         for (i, block) in self.up.iter().enumerate() {
-            let res = skips.split_off(skips.len() - block.resnet_count());
+            let res = skips.split_off(skips.len() - block.resnets.len());
             // Sizes that don't halve evenly need the skip's size when upsampling.
             let target = match (odd_size && i + 1 < n, skips.last()) {
                 (true, Some(s)) => {
@@ -306,12 +375,9 @@ impl UNet {
                 }
                 _ => None,
             };
-            xs = match block {
-                Up::Plain(b) => b.forward(&xs, &res, Some(&emb), target)?,
-                Up::Cross(b) => b.forward(&xs, &res, Some(&emb), target, Some(context))?,
-            };
+            xs = block.forward(&xs, &res, &emb, target, context)?;
         }
-        let xs = candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?;
+        let xs = self.norm_out.forward(&xs, true)?;
         let out = self.conv_out.forward(&xs)?;
         debug_assert_eq!(out.dim(D::Minus1)?, w);
         Ok(out)

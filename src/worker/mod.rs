@@ -201,6 +201,7 @@ pub async fn spawn_engine(cfg: &WorkerConfig) -> Result<EngineHandle, WorkerErro
             &EngineOptions {
                 device: e.device,
                 dtype: None,
+                ..Default::default()
             },
         )
     })
