@@ -5,7 +5,7 @@
 //! can't run (an unknown block type) with the file and the reason, instead of building a
 //! network that silently loads the wrong tensors.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_transformers::models::stable_diffusion::unet_2d::{
     BlockConfig, UNet2DConditionModelConfig,
@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use super::EngineError;
+use super::preset::SchedulerKind;
 
 pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, EngineError> {
     let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io {
@@ -350,74 +351,498 @@ pub fn read_clip_text(path: &Path) -> Result<ClipTextSpec, EngineError> {
     Ok(spec)
 }
 
-/// The parts of `scheduler_config.json` that every scheduler shares.
-#[derive(Debug, Clone, Deserialize)]
-pub struct SchedulerSpec {
-    #[serde(default = "thousand")]
-    pub num_train_timesteps: usize,
-    #[serde(default = "beta_start")]
-    pub beta_start: f64,
-    #[serde(default = "beta_end")]
-    pub beta_end: f64,
-    #[serde(default = "scaled_linear")]
-    pub beta_schedule: String,
-    #[serde(default = "leading")]
-    pub timestep_spacing: String,
-    #[serde(default = "epsilon")]
-    pub prediction_type: String,
-    #[serde(default)]
-    pub steps_offset: usize,
-    #[serde(default)]
-    pub set_alpha_to_one: bool,
+/// The diffusers scheduler classes whose `scheduler_config.json` this reader understands: the
+/// three the engine runs, and PNDM, the class SD 1.x repos ship (the sd15 preset runs DDIM on it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchedulerClass {
+    Ddim,
+    EulerDiscrete,
+    EulerAncestralDiscrete,
+    Pndm,
 }
 
-fn thousand() -> usize {
-    1000
+/// The keyword arguments every one of those classes' `__init__` takes (diffusers 0.42.1).
+const SHARED_KEYS: &[&str] = &[
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "timestep_spacing",
+    "steps_offset",
+];
+const DDIM_KEYS: &[&str] = &[
+    "clip_sample",
+    "set_alpha_to_one",
+    "thresholding",
+    "dynamic_thresholding_ratio",
+    "clip_sample_range",
+    "sample_max_value",
+    "rescale_betas_zero_snr",
+];
+const EULER_KEYS: &[&str] = &[
+    "interpolation_type",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "sigma_min",
+    "sigma_max",
+    "timestep_type",
+    "rescale_betas_zero_snr",
+    "final_sigmas_type",
+];
+const EULER_ANCESTRAL_KEYS: &[&str] = &["rescale_betas_zero_snr"];
+const PNDM_KEYS: &[&str] = &["skip_prk_steps", "set_alpha_to_one"];
+
+impl SchedulerClass {
+    const ALL: [SchedulerClass; 4] = [
+        SchedulerClass::Ddim,
+        SchedulerClass::EulerDiscrete,
+        SchedulerClass::EulerAncestralDiscrete,
+        SchedulerClass::Pndm,
+    ];
+
+    /// The name diffusers writes in `_class_name`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SchedulerClass::Ddim => "DDIMScheduler",
+            SchedulerClass::EulerDiscrete => "EulerDiscreteScheduler",
+            SchedulerClass::EulerAncestralDiscrete => "EulerAncestralDiscreteScheduler",
+            SchedulerClass::Pndm => "PNDMScheduler",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    /// The class whose arithmetic the engine runs for a preset's algorithm.
+    pub fn of(kind: SchedulerKind) -> Self {
+        match kind {
+            SchedulerKind::Ddim => SchedulerClass::Ddim,
+            SchedulerKind::Euler => SchedulerClass::EulerDiscrete,
+            SchedulerKind::EulerAncestral => SchedulerClass::EulerAncestralDiscrete,
+        }
+    }
+
+    /// Whether the class's `__init__` takes `key`.
+    fn defines(self, key: &str) -> bool {
+        let own = match self {
+            SchedulerClass::Ddim => DDIM_KEYS,
+            SchedulerClass::EulerDiscrete => EULER_KEYS,
+            SchedulerClass::EulerAncestralDiscrete => EULER_ANCESTRAL_KEYS,
+            SchedulerClass::Pndm => PNDM_KEYS,
+        };
+        SHARED_KEYS.contains(&key) || own.contains(&key)
+    }
+
+    /// diffusers' default `timestep_spacing` for the class.
+    fn default_spacing(self) -> TimestepSpacing {
+        match self {
+            SchedulerClass::Ddim | SchedulerClass::Pndm => TimestepSpacing::Leading,
+            SchedulerClass::EulerDiscrete | SchedulerClass::EulerAncestralDiscrete => {
+                TimestepSpacing::Linspace
+            }
+        }
+    }
 }
-fn beta_start() -> f64 {
-    0.00085
+
+/// How the training betas are laid out (`beta_schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BetaSchedule {
+    Linear,
+    ScaledLinear,
+    /// The Glide cosine schedule (`squaredcos_cap_v2`).
+    SquaredCosCapV2,
 }
-fn beta_end() -> f64 {
-    0.012
+
+/// What the model predicts (`prediction_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PredictionType {
+    Epsilon,
+    VPrediction,
+    /// The clean sample itself (DDIM and Euler; diffusers' Euler ancestral refuses it).
+    Sample,
 }
-fn scaled_linear() -> String {
-    "scaled_linear".into()
+
+/// Where the inference timesteps sit in the training range (`timestep_spacing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimestepSpacing {
+    Leading,
+    Trailing,
+    Linspace,
 }
-fn leading() -> String {
-    "leading".into()
+
+impl TimestepSpacing {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "leading" => Some(Self::Leading),
+            "trailing" => Some(Self::Trailing),
+            "linspace" => Some(Self::Linspace),
+            _ => None,
+        }
+    }
 }
-fn epsilon() -> String {
-    "epsilon".into()
+
+/// Euler's sigma schedule: interpolated at the spaced timesteps, or re-spaced from that range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SigmaSchedule {
+    Interpolated,
+    /// `use_karras_sigmas`: Karras et al.'s rho = 7 spacing between sigma_max and sigma_min.
+    Karras,
+    /// `use_exponential_sigmas`: evenly spaced in log sigma.
+    Exponential,
+}
+
+/// A `scheduler_config.json`, read the way diffusers 0.42.1 reads it.
+///
+/// Every key one of the classes above takes is either applied as diffusers applies it or, when
+/// it is set to something that changes the arithmetic and this engine doesn't implement it,
+/// refused by [`read_scheduler`] with a message naming the key and the file. The check covers
+/// every class the engine can run, not only the preset's, because a request may pick another.
+///
+/// Keys no class above takes are accepted with a warning and otherwise ignored: that is what
+/// diffusers does with them ("… are not expected and will be ignored"), so they can't make its
+/// image differ from ours. Keys starting with `_` (`_diffusers_version`, …) are bookkeeping.
+///
+/// Defaults follow diffusers' `from_config`: a key the file omits takes the default of the class
+/// that *runs* (so `timestep_spacing` is `leading` for DDIM and `linspace` for Euler), and a key
+/// the file sets carries over to whichever class runs, whatever class wrote it (SD 1.5's
+/// `PNDMScheduler` file sets `clip_sample: false`, which its DDIM run then reads). One
+/// exception: DDIM's two switches `clip_sample` and `set_alpha_to_one`, which DDIMScheduler
+/// defaults to true, default to true only when the file is a DDIM config, names no class, or
+/// names one that takes the key (PNDM's `set_alpha_to_one`); in a file written for a class
+/// without them (Euler's, say) they are off, where `DDIMScheduler.from_config` would turn them
+/// on. That keeps DDIM on a turbo or tiny model's Euler config a plain DDIM sampler, as the
+/// agreement references for the tiny model were generated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerSpec {
+    /// The file it was read from, for messages about it at generation time.
+    pub source: PathBuf,
+    /// `_class_name`, or `None` when the file names none.
+    pub class: Option<SchedulerClass>,
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: BetaSchedule,
+    /// Explicit training betas, one per training timestep; they replace the schedule.
+    pub trained_betas: Option<Vec<f64>>,
+    pub prediction_type: PredictionType,
+    /// `None` when the file doesn't say: the running class's default then.
+    pub timestep_spacing: Option<TimestepSpacing>,
+    pub steps_offset: usize,
+    pub rescale_betas_zero_snr: bool,
+    /// DDIM: clamp the predicted clean sample to ±`clip_sample_range` (`None`: file silent).
+    pub clip_sample: Option<bool>,
+    pub clip_sample_range: f64,
+    /// DDIM: the last step goes to alpha 1 instead of the first training alpha.
+    pub set_alpha_to_one: Option<bool>,
+    /// Euler's sigma schedule, with the optional bounds it uses.
+    pub sigma_schedule: SigmaSchedule,
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+    /// Euler: the last sigma is the first training sigma (`final_sigmas_type: sigma_min`)
+    /// instead of 0.
+    pub final_sigma_min: bool,
+    /// Euler: `timestep_type: continuous`, which with v-prediction feeds the UNet
+    /// `0.25 * ln(sigma)` instead of a training timestep.
+    pub continuous_timesteps: bool,
+}
+
+impl SchedulerSpec {
+    /// diffusers' class defaults (the same for every class above, spacing and DDIM's switches
+    /// aside, which are resolved per running class).
+    fn defaults(source: &Path, class: Option<SchedulerClass>) -> Self {
+        Self {
+            source: source.to_path_buf(),
+            class,
+            num_train_timesteps: 1000,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: BetaSchedule::Linear,
+            trained_betas: None,
+            prediction_type: PredictionType::Epsilon,
+            timestep_spacing: None,
+            steps_offset: 0,
+            rescale_betas_zero_snr: false,
+            clip_sample: None,
+            clip_sample_range: 1.0,
+            set_alpha_to_one: None,
+            sigma_schedule: SigmaSchedule::Interpolated,
+            sigma_min: None,
+            sigma_max: None,
+            final_sigma_min: false,
+            continuous_timesteps: false,
+        }
+    }
+
+    /// The spacing `class` runs with when neither preset nor request overrides it.
+    pub fn timestep_spacing_for(&self, class: SchedulerClass) -> TimestepSpacing {
+        self.timestep_spacing
+            .unwrap_or_else(|| class.default_spacing())
+    }
+
+    /// DDIM's `clip_sample` (see the type's doc for when a silent file means true).
+    pub fn ddim_clip_sample(&self) -> bool {
+        self.ddim_switch("clip_sample", self.clip_sample)
+    }
+
+    /// DDIM's `set_alpha_to_one` (see the type's doc for when a silent file means true).
+    pub fn ddim_set_alpha_to_one(&self) -> bool {
+        self.ddim_switch("set_alpha_to_one", self.set_alpha_to_one)
+    }
+
+    fn ddim_switch(&self, key: &str, value: Option<bool>) -> bool {
+        value.unwrap_or(match self.class {
+            None | Some(SchedulerClass::Ddim) => true,
+            Some(class) => class.defines(key),
+        })
+    }
+
+    /// Reads a parsed `scheduler_config.json`; `source` names it in errors.
+    pub fn from_json(value: &serde_json::Value, source: &Path) -> Result<Self, EngineError> {
+        let bad = |message: String| EngineError::Config {
+            path: source.to_path_buf(),
+            message,
+        };
+        let Some(map) = value.as_object() else {
+            return Err(bad("a scheduler config must be a JSON object".into()));
+        };
+        let class = match map.get("_class_name") {
+            None => None,
+            Some(serde_json::Value::String(name)) => {
+                Some(SchedulerClass::from_name(name).ok_or_else(|| {
+                    let known: Vec<_> = SchedulerClass::ALL.iter().map(|c| c.name()).collect();
+                    bad(format!(
+                        "`_class_name` `{name}` is not a scheduler class this engine reads \
+                         (it reads {})",
+                        known.join(", ")
+                    ))
+                })?)
+            }
+            Some(other) => {
+                return Err(bad(format!("`_class_name` must be a string, got {other}")));
+            }
+        };
+        let mut spec = Self::defaults(source, class);
+        let (mut karras, mut exponential) = (false, false);
+        for (key, v) in map {
+            // Private keys are diffusers' bookkeeping (`_class_name` was read above).
+            if key.starts_with('_') {
+                continue;
+            }
+            let k = key.as_str();
+            match k {
+                "num_train_timesteps" => spec.num_train_timesteps = count(k, v, 1).map_err(bad)?,
+                "beta_start" => spec.beta_start = number(k, v).map_err(bad)?,
+                "beta_end" => spec.beta_end = number(k, v).map_err(bad)?,
+                "beta_schedule" => {
+                    spec.beta_schedule = match text(k, v).map_err(bad)? {
+                        "linear" => BetaSchedule::Linear,
+                        "scaled_linear" => BetaSchedule::ScaledLinear,
+                        "squaredcos_cap_v2" => BetaSchedule::SquaredCosCapV2,
+                        other => {
+                            return Err(bad(format!(
+                                "`beta_schedule` `{other}` is not one diffusers implements \
+                                 (linear, scaled_linear, squaredcos_cap_v2)"
+                            )));
+                        }
+                    }
+                }
+                "trained_betas" => {
+                    spec.trained_betas = match v {
+                        serde_json::Value::Null => None,
+                        serde_json::Value::Array(items) => Some(
+                            items
+                                .iter()
+                                .map(|b| number(k, b))
+                                .collect::<Result<_, _>>()
+                                .map_err(bad)?,
+                        ),
+                        other => {
+                            return Err(bad(format!(
+                                "`trained_betas` must be null or a list of numbers, got {other}"
+                            )));
+                        }
+                    }
+                }
+                "prediction_type" => {
+                    spec.prediction_type = match text(k, v).map_err(bad)? {
+                        "epsilon" => PredictionType::Epsilon,
+                        "v_prediction" => PredictionType::VPrediction,
+                        "sample" => PredictionType::Sample,
+                        other => {
+                            return Err(bad(format!(
+                                "`prediction_type` `{other}` is not supported \
+                                 (epsilon, v_prediction, sample)"
+                            )));
+                        }
+                    }
+                }
+                "timestep_spacing" => {
+                    let s = text(k, v).map_err(bad)?;
+                    spec.timestep_spacing = Some(TimestepSpacing::parse(s).ok_or_else(|| {
+                        bad(format!(
+                            "`timestep_spacing` `{s}` is not supported (leading, trailing, linspace)"
+                        ))
+                    })?);
+                }
+                "steps_offset" => spec.steps_offset = count(k, v, 0).map_err(bad)?,
+                "rescale_betas_zero_snr" => {
+                    spec.rescale_betas_zero_snr = truthy(k, v).map_err(bad)?
+                }
+                "clip_sample" => spec.clip_sample = Some(truthy(k, v).map_err(bad)?),
+                "clip_sample_range" => spec.clip_sample_range = number(k, v).map_err(bad)?,
+                "set_alpha_to_one" => spec.set_alpha_to_one = Some(truthy(k, v).map_err(bad)?),
+                "thresholding" => {
+                    if truthy(k, v).map_err(bad)? {
+                        return Err(bad(
+                            "`thresholding` = true is not supported: DDIMScheduler would apply \
+                             dynamic thresholding to the predicted sample, which this engine \
+                             does not implement"
+                                .into(),
+                        ));
+                    }
+                }
+                // Read by DDIM only under `thresholding`, which is refused above when set.
+                "dynamic_thresholding_ratio" | "sample_max_value" => {}
+                // PNDM's own step variant; no class the engine runs reads it.
+                "skip_prk_steps" => {}
+                "interpolation_type" => match text(k, v).map_err(bad)? {
+                    "linear" => {}
+                    "log_linear" => {
+                        return Err(bad("`interpolation_type` `log_linear` is not supported: \
+                             EulerDiscreteScheduler would space its sigmas evenly in log space, \
+                             which this engine does not implement (linear)"
+                            .into()));
+                    }
+                    other => {
+                        return Err(bad(format!(
+                            "`interpolation_type` `{other}` is not one diffusers implements (linear)"
+                        )));
+                    }
+                },
+                "use_karras_sigmas" => karras = strict_bool(k, v).map_err(bad)?,
+                "use_exponential_sigmas" => exponential = strict_bool(k, v).map_err(bad)?,
+                "use_beta_sigmas" => {
+                    if strict_bool(k, v).map_err(bad)? {
+                        return Err(bad(
+                            "`use_beta_sigmas` = true is not supported: EulerDiscreteScheduler \
+                             would re-space its sigmas by a beta distribution, which this engine \
+                             does not implement"
+                                .into(),
+                        ));
+                    }
+                }
+                "sigma_min" => spec.sigma_min = optional_positive(k, v).map_err(bad)?,
+                "sigma_max" => spec.sigma_max = optional_positive(k, v).map_err(bad)?,
+                "timestep_type" => {
+                    spec.continuous_timesteps = match text(k, v).map_err(bad)? {
+                        "discrete" => false,
+                        "continuous" => true,
+                        other => {
+                            return Err(bad(format!(
+                                "`timestep_type` `{other}` is not supported (discrete, continuous)"
+                            )));
+                        }
+                    }
+                }
+                "final_sigmas_type" => {
+                    spec.final_sigma_min = match text(k, v).map_err(bad)? {
+                        "zero" => false,
+                        "sigma_min" => true,
+                        other => {
+                            return Err(bad(format!(
+                                "`final_sigmas_type` `{other}` is not one diffusers implements \
+                                 (zero, sigma_min)"
+                            )));
+                        }
+                    }
+                }
+                _ => tracing::warn!(
+                    file = %source.display(),
+                    key = k,
+                    "scheduler config key not taken by DDIM, Euler, Euler ancestral or PNDM; \
+                     ignored, as diffusers ignores it"
+                ),
+            }
+        }
+        spec.sigma_schedule = match (karras, exponential) {
+            (true, true) => {
+                return Err(bad(
+                    "`use_karras_sigmas` and `use_exponential_sigmas` are both true; diffusers \
+                     allows only one"
+                        .into(),
+                ));
+            }
+            (true, false) => SigmaSchedule::Karras,
+            (false, true) => SigmaSchedule::Exponential,
+            (false, false) => SigmaSchedule::Interpolated,
+        };
+        if let Some(betas) = &spec.trained_betas
+            && betas.len() != spec.num_train_timesteps
+        {
+            return Err(bad(format!(
+                "`trained_betas` has {} entries for {} training timesteps",
+                betas.len(),
+                spec.num_train_timesteps
+            )));
+        }
+        Ok(spec)
+    }
+}
+
+/// A JSON number (diffusers would fail on anything else, null included).
+fn number(key: &str, v: &serde_json::Value) -> Result<f64, String> {
+    v.as_f64()
+        .filter(|x| x.is_finite())
+        .ok_or_else(|| format!("`{key}` must be a number, got {v}"))
+}
+
+/// A positive number or null (diffusers' `None`: derive it from the schedule).
+fn optional_positive(key: &str, v: &serde_json::Value) -> Result<Option<f64>, String> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    let x = number(key, v)?;
+    if x <= 0.0 {
+        return Err(format!("`{key}` must be positive or null, got {v}"));
+    }
+    Ok(Some(x))
+}
+
+/// A JSON integer of at least `min`.
+fn count(key: &str, v: &serde_json::Value, min: u64) -> Result<usize, String> {
+    v.as_u64()
+        .filter(|&n| n >= min)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| format!("`{key}` must be an integer of at least {min}, got {v}"))
+}
+
+fn text<'a>(key: &str, v: &'a serde_json::Value) -> Result<&'a str, String> {
+    v.as_str()
+        .ok_or_else(|| format!("`{key}` must be a string, got {v}"))
+}
+
+/// A switch diffusers tests with Python truthiness, where null reads as false.
+fn truthy(key: &str, v: &serde_json::Value) -> Result<bool, String> {
+    match v {
+        serde_json::Value::Bool(b) => Ok(*b),
+        serde_json::Value::Null => Ok(false),
+        other => Err(format!("`{key}` must be true or false, got {other}")),
+    }
+}
+
+/// A switch diffusers sums with its siblings (Euler's sigma schedules), where null fails.
+fn strict_bool(key: &str, v: &serde_json::Value) -> Result<bool, String> {
+    v.as_bool()
+        .ok_or_else(|| format!("`{key}` must be true or false, got {v}"))
 }
 
 pub fn read_scheduler(path: &Path) -> Result<SchedulerSpec, EngineError> {
-    let spec: SchedulerSpec = read_json(path)?;
-    let bad = |message: String| EngineError::Config {
-        path: path.to_path_buf(),
-        message,
-    };
-    if !matches!(spec.beta_schedule.as_str(), "scaled_linear" | "linear") {
-        return Err(bad(format!(
-            "beta_schedule `{}` is not supported (scaled_linear, linear)",
-            spec.beta_schedule
-        )));
-    }
-    if !matches!(spec.prediction_type.as_str(), "epsilon" | "v_prediction") {
-        return Err(bad(format!(
-            "prediction_type `{}` is not supported (epsilon, v_prediction)",
-            spec.prediction_type
-        )));
-    }
-    if !matches!(
-        spec.timestep_spacing.as_str(),
-        "leading" | "trailing" | "linspace"
-    ) {
-        return Err(bad(format!(
-            "timestep_spacing `{}` is not supported",
-            spec.timestep_spacing
-        )));
-    }
-    Ok(spec)
+    let value: serde_json::Value = read_json(path)?;
+    SchedulerSpec::from_json(&value, path)
 }
 
 /// Everything about a checkpoint's shapes the engine needs, one spec per component.
@@ -486,8 +911,25 @@ impl ModelSpecs {
             );
             serde_json::from_str(&json).expect("built-in UNet config parses")
         };
-        let scheduler: SchedulerSpec =
-            serde_json::from_str(r#"{"steps_offset":1}"#).expect("built-in scheduler config");
+        // SD 1.5's scheduler config (its PNDM class; the sd15 preset runs DDIM on it), with the
+        // spacing PNDM defaults to stated, so Euler runs of a benchmark space the same way.
+        let scheduler = SchedulerSpec::from_json(
+            &serde_json::json!({
+                "_class_name": "PNDMScheduler",
+                "beta_end": 0.012,
+                "beta_schedule": "scaled_linear",
+                "beta_start": 0.00085,
+                "clip_sample": false,
+                "num_train_timesteps": 1000,
+                "set_alpha_to_one": false,
+                "skip_prk_steps": true,
+                "steps_offset": 1,
+                "timestep_spacing": "leading",
+                "trained_betas": null
+            }),
+            Path::new("<built-in>"),
+        )
+        .expect("built-in scheduler config is valid");
         let (text, unet, vae) = match arch {
             Architecture::Sd15 => (
                 vec![clip_l],
@@ -604,16 +1046,73 @@ mod tests {
     #[test]
     fn scheduler_config_rejects_unsupported_prediction() {
         let tmp = tempfile::tempdir().unwrap();
-        let p = write(tmp.path(), r#"{"prediction_type":"sample"}"#);
-        assert!(
-            read_scheduler(&p)
-                .unwrap_err()
-                .to_string()
-                .contains("sample")
-        );
+        let p = write(tmp.path(), r#"{"prediction_type":"flow"}"#);
+        let err = read_scheduler(&p).unwrap_err().to_string();
+        assert!(err.contains("`prediction_type` `flow`"), "{err}");
+        assert!(err.contains(&p.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn scheduler_defaults_are_the_class_defaults() {
+        let tmp = tempfile::tempdir().unwrap();
         let p = write(tmp.path(), r#"{"_class_name":"DDIMScheduler"}"#);
         let s = read_scheduler(&p).unwrap();
         assert_eq!(s.num_train_timesteps, 1000);
-        assert_eq!(s.timestep_spacing, "leading");
+        assert_eq!((s.beta_start, s.beta_end), (0.0001, 0.02));
+        assert_eq!(s.beta_schedule, BetaSchedule::Linear);
+        assert_eq!(
+            s.timestep_spacing_for(SchedulerClass::Ddim),
+            TimestepSpacing::Leading
+        );
+        assert_eq!(
+            s.timestep_spacing_for(SchedulerClass::EulerDiscrete),
+            TimestepSpacing::Linspace
+        );
+        assert!(s.ddim_clip_sample() && s.ddim_set_alpha_to_one());
+        // A class without DDIM's switches leaves them off; PNDM has `set_alpha_to_one`.
+        let p = write(tmp.path(), r#"{"_class_name":"EulerDiscreteScheduler"}"#);
+        let s = read_scheduler(&p).unwrap();
+        assert!(!s.ddim_clip_sample() && !s.ddim_set_alpha_to_one());
+        let p = write(tmp.path(), r#"{"_class_name":"PNDMScheduler"}"#);
+        let s = read_scheduler(&p).unwrap();
+        assert!(!s.ddim_clip_sample() && s.ddim_set_alpha_to_one());
+        // What the file says wins, whichever class wrote it.
+        let p = write(
+            tmp.path(),
+            r#"{"_class_name":"PNDMScheduler","clip_sample":false,"set_alpha_to_one":false}"#,
+        );
+        let s = read_scheduler(&p).unwrap();
+        assert!(!s.ddim_clip_sample() && !s.ddim_set_alpha_to_one());
+    }
+
+    #[test]
+    fn scheduler_refusals_name_the_key_and_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        for (json, key) in [
+            (r#"{"thresholding":true}"#, "`thresholding`"),
+            (r#"{"use_beta_sigmas":true}"#, "`use_beta_sigmas`"),
+            (
+                r#"{"interpolation_type":"log_linear"}"#,
+                "`interpolation_type`",
+            ),
+            (r#"{"_class_name":"LCMScheduler"}"#, "`_class_name`"),
+            (r#"{"trained_betas":[0.1,0.2]}"#, "`trained_betas`"),
+            (r#"{"steps_offset":-1}"#, "`steps_offset`"),
+        ] {
+            let p = write(tmp.path(), json);
+            let err = read_scheduler(&p).unwrap_err();
+            assert_eq!(err.kind(), "config");
+            assert!(!err.is_retryable());
+            let msg = err.to_string();
+            assert!(msg.contains(key), "{json}: {msg}");
+            assert!(msg.contains(&p.display().to_string()), "{json}: {msg}");
+        }
+        // Off values of the same keys, and keys no class takes, are accepted.
+        let p = write(
+            tmp.path(),
+            r#"{"thresholding":false,"use_beta_sigmas":false,"interpolation_type":"linear",
+                "skip_prk_steps":true,"_diffusers_version":"0.6.0","tensor_format":"pt"}"#,
+        );
+        read_scheduler(&p).unwrap();
     }
 }
