@@ -18,6 +18,7 @@ pub mod layers;
 pub mod noise;
 pub mod preset;
 pub mod random_weights;
+pub mod resize;
 pub mod scheduler;
 pub mod tokenizer;
 pub mod unet;
@@ -858,7 +859,8 @@ impl Engine {
     }
 }
 
-/// RGB8 → `[1, 3, h, w]` f32 in [-1, 1], resized to `width`×`height` when it differs.
+/// RGB8 → `[1, 3, h, w]` f32 in [-1, 1], resized to `width`×`height` when it differs
+/// ([`resize::resize_lanczos`], PIL-compatible).
 pub fn image_to_tensor(
     img: &image::RgbImage,
     width: usize,
@@ -867,12 +869,10 @@ pub fn image_to_tensor(
 ) -> Result<Tensor, EngineError> {
     let resized;
     let img = if img.width() as usize != width || img.height() as usize != height {
-        resized = image::imageops::resize(
-            img,
-            width as u32,
-            height as u32,
-            image::imageops::FilterType::Lanczos3,
-        );
+        // As diffusers' image processor resizes (PIL's antialiased Lanczos), so an init image
+        // of another size starts from the latents diffusers would encode.
+        resized = resize::resize_lanczos(img, width as u32, height as u32)
+            .map_err(|e| EngineError::InvalidRequest(format!("init image: {e}")))?;
         &resized
     } else {
         img
