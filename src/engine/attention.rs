@@ -218,9 +218,25 @@ impl FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(xs)?;
         let half = h.dim(D::Minus1)? / 2;
-        let value = h.narrow(D::Minus1, 0, half)?;
-        let gate = h.narrow(D::Minus1, half, half)?.gelu_erf()?;
-        self.proj_out.forward(&(value * gate)?)
+        let gated = if matches!(h.device(), Device::Cpu) && h.dtype() == DType::F32 {
+            let h = h.contiguous()?;
+            let mut dims = h.dims().to_vec();
+            let out = {
+                let (st, l) = h.storage_and_layout();
+                let Some(hf) = cpu_f32(&st, l) else {
+                    candle_core::bail!("GEGLU fast path needs a contiguous f32 CPU tensor");
+                };
+                super::cpu::geglu(hf, half)
+            };
+            if let Some(last) = dims.last_mut() {
+                *last = half;
+            }
+            Tensor::from_vec(out, dims, &Device::Cpu)?
+        } else {
+            let value = h.narrow(D::Minus1, 0, half)?;
+            (value * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?
+        };
+        self.proj_out.forward(&gated)
     }
 }
 

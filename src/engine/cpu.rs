@@ -138,17 +138,7 @@ pub fn conv2d_image(
         return;
     }
 
-    out.par_chunks_mut(plane).enumerate().for_each(|(co, row)| {
-        let start = prefill.bias.map_or(0.0, |b| b[co]) + prefill.channel.map_or(0.0, |c| c[co]);
-        match prefill.residual {
-            Some(r) => {
-                for (o, &v) in row.iter_mut().zip(&r[co * plane..(co + 1) * plane]) {
-                    *o = v + start;
-                }
-            }
-            None => row.fill(start),
-        }
-    });
+    prefill_output(g.cout, plane, prefill, out);
 
     let depth = g.depth();
     let rows_per_band = {
@@ -199,6 +189,212 @@ pub fn conv2d_image(
     } else {
         (0..bands).for_each(|b| run_band(b, threads));
     }
+}
+
+/// Whether a convolution runs as Winograd F(2×2, 3×3): 3×3, stride 1, and enough pixels and
+/// channels that 2.25× fewer multiplies outweigh the transforms. Every 3×3 convolution of the
+/// VAE decoder and of the UNet's upper levels qualifies.
+pub fn use_winograd(g: &ConvGeom) -> bool {
+    g.k == 3 && g.stride == 1 && g.ho * g.wo >= 1024 && g.cin >= 16 && g.cout >= 16
+}
+
+/// The Winograd weight transform `U = G·g·Gᵀ` of `[cout, cin, 3, 3]` weights, as 16 matrices
+/// `[cout, cin]` (`u[e · cout · cin ..]`, `e` the 4×4 position).
+pub fn winograd_weights(weight: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    let pairs = cout * cin;
+    let mut u = vec![0f32; 16 * pairs];
+    let dst = OutPtr(u.as_mut_ptr());
+    (0..pairs).into_par_iter().with_min_len(256).for_each(|p| {
+        let dst = dst;
+        let g = &weight[p * 9..p * 9 + 9];
+        // Rows: G·g (4×3).
+        let mut t = [[0f32; 3]; 4];
+        for c in 0..3 {
+            let (g0, g1, g2) = (g[c], g[3 + c], g[6 + c]);
+            t[0][c] = g0;
+            t[1][c] = 0.5 * (g0 + g1 + g2);
+            t[2][c] = 0.5 * (g0 - g1 + g2);
+            t[3][c] = g2;
+        }
+        for (r, row) in t.iter().enumerate() {
+            let (g0, g1, g2) = (row[0], row[1], row[2]);
+            let vals = [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2];
+            for (c, v) in vals.into_iter().enumerate() {
+                // SAFETY: (e, p) indexes inside u; each p is written by one task.
+                unsafe { *dst.0.add((r * 4 + c) * pairs + p) = v };
+            }
+        }
+    });
+    u
+}
+
+/// Target floats of one band's transformed input (16 · cin · tiles).
+const WINOGRAD_BAND_FLOATS: usize = 1 << 21;
+
+/// One image by Winograd F(2×2, 3×3) with `u` from [`winograd_weights`]: bands of tile rows,
+/// each band's input transformed to 16 `[cin, tiles]` matrices, 16 gemms with `u`, and the
+/// output transform added into the prefilled output.
+pub fn conv2d_image_winograd(
+    x: &[f32],
+    geom: &ConvGeom,
+    u: &[f32],
+    prefill: &Prefill,
+    out: &mut [f32],
+) {
+    let g = *geom;
+    let plane = g.ho * g.wo;
+    prefill_output(g.cout, plane, prefill, out);
+    let (tiles_y, tiles_x) = (g.ho.div_ceil(2), g.wo.div_ceil(2));
+    let rows_per_band =
+        (WINOGRAD_BAND_FLOATS / (16 * g.cin.max(g.cout) * tiles_x).max(1)).clamp(1, tiles_y);
+    let bands = tiles_y.div_ceil(rows_per_band);
+    let threads = rayon::current_num_threads();
+    let dst = OutPtr(out.as_mut_ptr());
+    let run_band = |band: usize, gemm_threads: usize| {
+        let dst = dst;
+        let ty0 = band * rows_per_band;
+        let ty1 = (ty0 + rows_per_band).min(tiles_y);
+        let n = (ty1 - ty0) * tiles_x;
+        let mut v = vec![0f32; 16 * g.cin * n];
+        let mut m = vec![0f32; 16 * g.cout * n];
+        winograd_input(x, &g, ty0, ty1, tiles_x, &mut v);
+        let par = if gemm_threads > 1 {
+            gemm::Parallelism::Rayon(gemm_threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        for e in 0..16 {
+            // SAFETY: u[e] is [cout, cin], v[e] [cin, n], m[e] [cout, n], all in bounds.
+            unsafe {
+                gemm::gemm(
+                    g.cout,
+                    n,
+                    g.cin,
+                    m.as_mut_ptr().add(e * g.cout * n),
+                    1,
+                    n as isize,
+                    false,
+                    u.as_ptr().add(e * g.cout * g.cin),
+                    1,
+                    g.cin as isize,
+                    v.as_ptr().add(e * g.cin * n),
+                    1,
+                    n as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
+        }
+        // Output transform Aᵀ·m·A, added into this band's output rows (2·ty0.. 2·ty1).
+        for co in 0..g.cout {
+            for t in 0..n {
+                let at = |e: usize| m[(e * g.cout + co) * n + t];
+                let mut r = [[0f32; 4]; 2];
+                for c in 0..4 {
+                    let (m0, m1, m2, m3) = (at(c), at(4 + c), at(8 + c), at(12 + c));
+                    r[0][c] = m0 + m1 + m2;
+                    r[1][c] = m1 - m2 - m3;
+                }
+                let ty = ty0 + t / tiles_x;
+                let tx = t % tiles_x;
+                for (i, row) in r.iter().enumerate() {
+                    let y = 2 * ty + i;
+                    if y >= g.ho {
+                        continue;
+                    }
+                    let y0 = row[0] + row[1] + row[2];
+                    let y1 = row[1] - row[2] - row[3];
+                    let base = co * plane + y * g.wo + 2 * tx;
+                    // SAFETY: inside this band's output rows, written only by this band.
+                    unsafe {
+                        *dst.0.add(base) += y0;
+                        if 2 * tx + 1 < g.wo {
+                            *dst.0.add(base + 1) += y1;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if bands >= 2 * threads {
+        (0..bands).into_par_iter().for_each(|b| run_band(b, 1));
+    } else {
+        (0..bands).for_each(|b| run_band(b, threads));
+    }
+}
+
+/// `v[e, ci, t] = (Bᵀ·d·B)[e]` for the 4×4 input patch `d` of every tile of rows `ty0..ty1`.
+fn winograd_input(x: &[f32], g: &ConvGeom, ty0: usize, ty1: usize, tiles_x: usize, v: &mut [f32]) {
+    let n = (ty1 - ty0) * tiles_x;
+    let (vh, vw) = ((g.h * g.up) as isize, (g.w * g.up) as isize);
+    let cin = g.cin;
+    let vp = OutPtr(v.as_mut_ptr());
+    (0..cin).into_par_iter().for_each(|ci| {
+        let vp = vp;
+        let src = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        let px = |iy: isize, ix: isize| -> f32 {
+            if iy < 0 || ix < 0 || iy >= vh || ix >= vw {
+                0.0
+            } else {
+                src[(iy as usize / g.up) * g.w + ix as usize / g.up]
+            }
+        };
+        for t in 0..n {
+            let ty = ty0 + t / tiles_x;
+            let tx = t % tiles_x;
+            let oy = (2 * ty) as isize - g.pad_top as isize;
+            let ox = (2 * tx) as isize - g.pad_left as isize;
+            let mut d = [[0f32; 4]; 4];
+            for (a, row) in d.iter_mut().enumerate() {
+                for (b, val) in row.iter_mut().enumerate() {
+                    *val = px(oy + a as isize, ox + b as isize);
+                }
+            }
+            // Bᵀ·d (rows), then ·B (columns).
+            let mut r = [[0f32; 4]; 4];
+            for c in 0..4 {
+                r[0][c] = d[0][c] - d[2][c];
+                r[1][c] = d[1][c] + d[2][c];
+                r[2][c] = d[2][c] - d[1][c];
+                r[3][c] = d[1][c] - d[3][c];
+            }
+            for (a, row) in r.iter().enumerate() {
+                let vals = [
+                    row[0] - row[2],
+                    row[1] + row[2],
+                    row[2] - row[1],
+                    row[1] - row[3],
+                ];
+                for (b, val) in vals.into_iter().enumerate() {
+                    // SAFETY: (e, ci, t) inside v; each ci is written by one task.
+                    unsafe { *vp.0.add(((a * 4 + b) * cin + ci) * n + t) = val };
+                }
+            }
+        }
+    });
+}
+
+/// Writes each output channel's start: bias + per-channel add + residual.
+fn prefill_output(cout: usize, plane: usize, prefill: &Prefill, out: &mut [f32]) {
+    out[..cout * plane]
+        .par_chunks_mut(plane)
+        .enumerate()
+        .for_each(|(co, row)| {
+            let start =
+                prefill.bias.map_or(0.0, |b| b[co]) + prefill.channel.map_or(0.0, |c| c[co]);
+            match prefill.residual {
+                Some(r) => {
+                    for (o, &v) in row.iter_mut().zip(&r[co * plane..(co + 1) * plane]) {
+                        *o = v + start;
+                    }
+                }
+                None => row.fill(start),
+            }
+        });
 }
 
 /// `dst[cout, n] (row stride ho*wo) += weight[cout, depth] · rhs[depth, n] (row stride rs)`.
@@ -414,6 +610,43 @@ pub fn softmax_in_place(row: &mut [f32]) {
     });
 }
 
+/// `erf(x)` to 1.5e-7 absolute (Abramowitz & Stegun 7.1.26), vectorisable like [`exp_fast`].
+#[inline(always)]
+fn erf_fast(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t
+        + 0.254_829_6)
+        * t;
+    let e = 1.0 - poly * exp_fast(-a * a);
+    if x < 0.0 { -e } else { e }
+}
+
+/// GEGLU on `[rows, 2·half]` (value, then gate): `value · GELU(gate)` with the exact (erf)
+/// GELU, `[rows, half]` out, in one pass instead of candle's four strided ones.
+pub fn geglu(h: &[f32], half: usize) -> Vec<f32> {
+    let rows = h.len() / (2 * half).max(1);
+    let mut out = vec![0f32; rows * half];
+    if half == 0 {
+        return out;
+    }
+    out.par_chunks_mut(half)
+        .zip(h.par_chunks(2 * half))
+        .for_each(|(o, row)| {
+            let (value, gate) = row.split_at(half);
+            geglu_row(o, value, gate);
+        });
+    out
+}
+
+fn geglu_row(out: &mut [f32], value: &[f32], gate: &[f32]) {
+    with_avx2!(geglu_row, (out: &mut [f32], value: &[f32], gate: &[f32]), {
+        for ((o, &v), &g) in out.iter_mut().zip(value).zip(gate) {
+            *o = v * 0.5 * g * (1.0 + erf_fast(g * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    });
+}
+
 /// A sum accurate to f64 over blocks summed in eight f32 lanes (vectorisable, and the block
 /// sums are small enough that f32 loses nothing that matters).
 fn sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
@@ -438,6 +671,40 @@ fn sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn geglu_uses_the_exact_gelu() {
+        let half = 37;
+        let h: Vec<f32> = (0..3 * 2 * half)
+            .map(|i| (i as f32 - 100.0) / 17.0)
+            .collect();
+        let out = geglu(&h, half);
+        for r in 0..3 {
+            for j in 0..half {
+                let v = f64::from(h[r * 2 * half + j]);
+                let g = f64::from(h[r * 2 * half + half + j]);
+                // erf via its series is exact enough here (|g| < 7): integrate e^{-t²} numerically.
+                let z = g / 2f64.sqrt();
+                let steps = 20_000;
+                let erf = (0..steps)
+                    .map(|k| {
+                        let t = z * (k as f64 + 0.5) / steps as f64;
+                        (-t * t).exp()
+                    })
+                    .sum::<f64>()
+                    * z
+                    / steps as f64
+                    * 2.0
+                    / std::f64::consts::PI.sqrt();
+                let want = v * 0.5 * g * (1.0 + erf);
+                let got = f64::from(out[r * half + j]);
+                assert!(
+                    (got - want).abs() < 2e-6 * (1.0 + want.abs()),
+                    "{got} vs {want}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn fast_exp_is_accurate_over_the_range_softmax_and_silu_use() {
@@ -533,6 +800,40 @@ mod tests {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0f32, f32::max);
             assert!(worst < 1e-5, "{g:?}: max difference {worst}");
+        }
+    }
+
+    #[test]
+    fn winograd_matches_the_definition() {
+        let cases = [
+            ConvGeom::new(16, 40, 33, 17, 3, 1, 1, 1),
+            ConvGeom::new(16, 17, 32, 16, 3, 1, 1, 2),
+            ConvGeom::new(20, 45, 31, 16, 3, 1, 1, 1),
+        ];
+        for g in cases {
+            assert!(use_winograd(&g), "{g:?}");
+            let x = values(g.cin * g.h * g.w, 11);
+            let w = values(g.cout * g.cin * 9, 12);
+            let bias = values(g.cout, 13);
+            let res = values(g.cout * g.ho * g.wo, 14);
+            let mut want = conv_naive(&x, &g, &w, &bias);
+            for (o, r) in want.iter_mut().zip(&res) {
+                *o += r;
+            }
+            let u = winograd_weights(&w, g.cout, g.cin);
+            let mut got = vec![f32::NAN; want.len()];
+            let pre = Prefill {
+                bias: Some(&bias),
+                channel: None,
+                residual: Some(&res),
+            };
+            conv2d_image_winograd(&x, &g, &u, &pre, &mut got);
+            let worst = want
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst < 2e-5, "{g:?}: max difference {worst}");
         }
     }
 

@@ -180,6 +180,8 @@ impl Conv2d {
                 true => weight,
                 false => candle_core::bail!("conv2d weight is not contiguous"),
             };
+            let winograd =
+                cpu::use_winograd(geom).then(|| cpu::winograd_weights(weight, geom.cout, geom.cin));
             for (i, o) in out.chunks_exact_mut(plane_out).enumerate() {
                 let chan = channel.as_ref().map(|(rows, v)| {
                     let r = if *rows == 1 { 0 } else { i };
@@ -190,7 +192,11 @@ impl Conv2d {
                     channel: chan,
                     residual: res.map(|r| &r[i * plane_out..(i + 1) * plane_out]),
                 };
-                cpu::conv2d_image(&x[i * plane_in..(i + 1) * plane_in], geom, weight, &pre, o);
+                let xi = &x[i * plane_in..(i + 1) * plane_in];
+                match &winograd {
+                    Some(u) => cpu::conv2d_image_winograd(xi, geom, u, &pre, o),
+                    None => cpu::conv2d_image(xi, geom, weight, &pre, o),
+                }
             }
         }
         Tensor::from_vec(out, (n, geom.cout, geom.ho, geom.wo), &Device::Cpu)
