@@ -88,6 +88,8 @@ enum Command {
         #[command(subcommand)]
         command: ops::DeadCommand,
     },
+    /// Probe a daemon's HTTP endpoint (container health checks): exit 0 on a 200, else 1.
+    Healthcheck(HealthcheckArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -196,6 +198,7 @@ fn main() -> ExitCode {
         Command::OffHours { command } => ops::off_hours(command),
         Command::Job { command } => ops::job(command),
         Command::Dead { command } => ops::dead(command),
+        Command::Healthcheck(args) => healthcheck(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -418,5 +421,54 @@ fn models(models_dir: &Path, command: ModelsCommand) -> Result<(), Failure> {
             );
             Ok(())
         }
+    }
+}
+
+#[derive(Args, Debug)]
+struct HealthcheckArgs {
+    /// The URL to probe: the daemon's `--http` address and `/healthz` (or `/readyz`).
+    #[arg(
+        long,
+        env = "POPCON_HEALTHCHECK_URL",
+        default_value = "http://127.0.0.1:9000/healthz"
+    )]
+    url: String,
+    /// Give up after this long (connecting and the answer together).
+    #[arg(long, default_value = "3s", value_parser = popcon_worker::config::parse_duration)]
+    timeout: Duration,
+}
+
+/// For images without curl: one GET, no redirects; healthy only on a 200.
+fn healthcheck(args: &HealthcheckArgs) -> Result<(), Failure> {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(args.timeout)
+        .redirects(0)
+        .build();
+    let url = &args.url;
+    match agent.get(url).call() {
+        Ok(resp) if resp.status() == 200 => {
+            println!("healthy: {url} answered 200");
+            Ok(())
+        }
+        Ok(resp) => Err(Failure::Runtime(anyhow::anyhow!(
+            "unhealthy: {url} answered {}",
+            resp.status()
+        ))),
+        Err(ureq::Error::Status(code, resp)) => {
+            let body: String = resp
+                .into_string()
+                .unwrap_or_default()
+                .chars()
+                .take(200)
+                .collect();
+            Err(Failure::Runtime(anyhow::anyhow!(
+                "unhealthy: {url} answered {code}: {}",
+                body.trim()
+            )))
+        }
+        Err(e) => Err(Failure::Runtime(anyhow::anyhow!(
+            "unhealthy: {url}: {e} (timeout {:?})",
+            args.timeout
+        ))),
     }
 }

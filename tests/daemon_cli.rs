@@ -533,3 +533,102 @@ fn a_daemon_killed_with_sigkill_mid_job_is_reclaimed_after_the_lease_and_finishe
         .status();
     let _ = second.wait();
 }
+
+/// A listener on a free port that answers every connection with `reply`, or holds it open
+/// without a word when `reply` is `None`. Runs until the test process ends.
+fn fake_http(reply: Option<&'static str>) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            match reply {
+                Some(r) => {
+                    let _ = conn.write_all(r.as_bytes());
+                }
+                None => held.push(conn),
+            }
+        }
+    });
+    port
+}
+
+fn unhealthy(out: &Output, want: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains("unhealthy") && stderr.contains(want),
+        "`{stderr}` should say unhealthy and contain `{want}`"
+    );
+}
+
+#[test]
+fn healthcheck_exits_0_on_the_daemons_200_and_1_with_the_reason_otherwise() {
+    let env = Env::new();
+    let port = free_port();
+    let healthz = format!("http://127.0.0.1:{port}/healthz");
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    let mut daemon = env
+        .cmd()
+        .args([
+            "run",
+            "--model",
+            "tiny",
+            "--http",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let probe = |url: &str| env.run(&["healthcheck", "--url", url, "--timeout", "2s"]);
+    // /healthz answers from the start, /readyz once the model is loaded and Redis answers.
+    for url in [&healthz, &readyz] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let out = loop {
+            let out = probe(url);
+            if out.status.success() || Instant::now() > deadline {
+                break out;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert!(ok(&out).contains(&format!("healthy: {url} answered 200")));
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &daemon.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert!(wait_exit(&mut daemon, Duration::from_secs(20)).success());
+
+    // Nothing listening any more.
+    unhealthy(&probe(&healthz), &healthz);
+    // An answer that is not a 200: its status and body are the reason.
+    let port = fake_http(Some(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 26\r\nconnection: close\r\n\r\n{\"error\": \"not ready: x\"}\n",
+    ));
+    unhealthy(
+        &probe(&format!("http://127.0.0.1:{port}/readyz")),
+        "answered 503: {\"error\": \"not ready: x\"}",
+    );
+    // A server that accepts and never answers: given up on after --timeout.
+    let port = fake_http(None);
+    let start = Instant::now();
+    let out = env.run(&[
+        "healthcheck",
+        "--url",
+        &format!("http://127.0.0.1:{port}/healthz"),
+        "--timeout",
+        "300ms",
+    ]);
+    unhealthy(&out, "timeout 300ms");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    usage_error(&env.run(&["healthcheck", "--timeout", "soon"]), "duration");
+}
