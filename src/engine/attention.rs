@@ -116,6 +116,15 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The pointer `i` floats on. A method, so closures capture the whole (Sync) wrapper.
+    #[inline(always)]
+    fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the allocation the pointer came from.
+        unsafe { self.0.add(i) }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn attention_cpu(
     q: &[f32],
@@ -133,7 +142,6 @@ fn attention_cpu(
     let blocks = nq.div_ceil(QUERY_BLOCK);
     let dst = OutPtr(out.as_mut_ptr());
     (0..b * heads * blocks).into_par_iter().for_each(|task| {
-        let dst = dst;
         let blk = task % blocks;
         let h = (task / blocks) % heads;
         let img = task / (blocks * heads);
@@ -177,7 +185,7 @@ fn attention_cpu(
                 rows,
                 d,
                 nk,
-                dst.0.add(q0),
+                dst.at(q0),
                 1,
                 inner as isize,
                 false,

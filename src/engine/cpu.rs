@@ -43,6 +43,7 @@ pub struct ConvGeom {
 
 impl ConvGeom {
     /// Geometry with symmetric padding `pad`, output size derived as PyTorch does.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cin: usize,
         h: usize,
@@ -112,6 +113,15 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The pointer `i` floats on. A method, so closures capture the whole (Sync) wrapper.
+    #[inline(always)]
+    fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the allocation the pointer came from.
+        unsafe { self.0.add(i) }
+    }
+}
+
 thread_local! {
     static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
@@ -158,14 +168,13 @@ pub fn conv2d_image(
         } else {
             gemm::Parallelism::None
         };
-        let dst = dst;
         if g.is_pointwise() {
             // SAFETY: shapes checked above; this band writes output columns y0*wo.. of every
             // channel row, which no other band writes.
             unsafe {
                 band_gemm(
                     &g,
-                    dst.0.add(y0 * g.wo),
+                    dst.at(y0 * g.wo),
                     weight,
                     x.as_ptr().add(y0 * g.wo),
                     g.h * g.w,
@@ -180,7 +189,7 @@ pub fn conv2d_image(
             cols.resize(depth * n, 0.0);
             im2col_band(x, &g, y0, y1, &mut cols[..depth * n], gemm_threads > 1);
             // SAFETY: as above.
-            unsafe { band_gemm(&g, dst.0.add(y0 * g.wo), weight, cols.as_ptr(), n, n, par) };
+            unsafe { band_gemm(&g, dst.at(y0 * g.wo), weight, cols.as_ptr(), n, n, par) };
         });
     };
 
@@ -205,7 +214,6 @@ pub fn winograd_weights(weight: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     let mut u = vec![0f32; 16 * pairs];
     let dst = OutPtr(u.as_mut_ptr());
     (0..pairs).into_par_iter().with_min_len(256).for_each(|p| {
-        let dst = dst;
         let g = &weight[p * 9..p * 9 + 9];
         // Rows: G·g (4×3).
         let mut t = [[0f32; 3]; 4];
@@ -221,7 +229,7 @@ pub fn winograd_weights(weight: &[f32], cout: usize, cin: usize) -> Vec<f32> {
             let vals = [g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2];
             for (c, v) in vals.into_iter().enumerate() {
                 // SAFETY: (e, p) indexes inside u; each p is written by one task.
-                unsafe { *dst.0.add((r * 4 + c) * pairs + p) = v };
+                unsafe { *dst.at((r * 4 + c) * pairs + p) = v };
             }
         }
     });
@@ -251,7 +259,6 @@ pub fn conv2d_image_winograd(
     let threads = rayon::current_num_threads();
     let dst = OutPtr(out.as_mut_ptr());
     let run_band = |band: usize, gemm_threads: usize| {
-        let dst = dst;
         let ty0 = band * rows_per_band;
         let ty1 = (ty0 + rows_per_band).min(tiles_y);
         let n = (ty1 - ty0) * tiles_x;
@@ -294,10 +301,11 @@ pub fn conv2d_image_winograd(
             for t in 0..n {
                 let at = |e: usize| m[(e * g.cout + co) * n + t];
                 let mut r = [[0f32; 4]; 2];
-                for c in 0..4 {
+                let [r0, r1] = &mut r;
+                for (c, (a, b)) in r0.iter_mut().zip(r1.iter_mut()).enumerate() {
                     let (m0, m1, m2, m3) = (at(c), at(4 + c), at(8 + c), at(12 + c));
-                    r[0][c] = m0 + m1 + m2;
-                    r[1][c] = m1 - m2 - m3;
+                    *a = m0 + m1 + m2;
+                    *b = m1 - m2 - m3;
                 }
                 let ty = ty0 + t / tiles_x;
                 let tx = t % tiles_x;
@@ -311,9 +319,9 @@ pub fn conv2d_image_winograd(
                     let base = co * plane + y * g.wo + 2 * tx;
                     // SAFETY: inside this band's output rows, written only by this band.
                     unsafe {
-                        *dst.0.add(base) += y0;
+                        *dst.at(base) += y0;
                         if 2 * tx + 1 < g.wo {
-                            *dst.0.add(base + 1) += y1;
+                            *dst.at(base + 1) += y1;
                         }
                     }
                 }
@@ -334,7 +342,6 @@ fn winograd_input(x: &[f32], g: &ConvGeom, ty0: usize, ty1: usize, tiles_x: usiz
     let cin = g.cin;
     let vp = OutPtr(v.as_mut_ptr());
     (0..cin).into_par_iter().for_each(|ci| {
-        let vp = vp;
         let src = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
         let px = |iy: isize, ix: isize| -> f32 {
             if iy < 0 || ix < 0 || iy >= vh || ix >= vw {
@@ -371,7 +378,7 @@ fn winograd_input(x: &[f32], g: &ConvGeom, ty0: usize, ty1: usize, tiles_x: usiz
                 ];
                 for (b, val) in vals.into_iter().enumerate() {
                     // SAFETY: (e, ci, t) inside v; each ci is written by one task.
-                    unsafe { *vp.0.add(((a * 4 + b) * cin + ci) * n + t) = val };
+                    unsafe { *vp.at(((a * 4 + b) * cin + ci) * n + t) = val };
                 }
             }
         }
@@ -542,7 +549,7 @@ fn exp_fast(x: f32) -> f32 {
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 5e-1;
     let y = p * r * r + r + 1.0;
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
