@@ -11,11 +11,12 @@
 //! thread. Elsewhere it runs candle's ops per head. diffusers' GEGLU uses the exact (erf) GELU,
 //! candle's the tanh approximation; this one uses erf.
 
-use candle_core::{D, DType, Device, Layout, Module, Result, Storage, Tensor};
+use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 use rayon::prelude::*;
 
-use super::layers::{Conv2d, GroupNorm};
+use super::cpu::OutPtr;
+use super::layers::{Conv2d, GroupNorm, cpu_f32};
 
 /// Query rows per score block: 128 × 4096 keys × 4 B = 2 MB per thread at 512².
 const QUERY_BLOCK: usize = 128;
@@ -97,32 +98,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Ten
         outs.push(probs.matmul(&vh)?.to_dtype(in_dtype)?);
     }
     Tensor::cat(&outs, D::Minus1)
-}
-
-fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
-    match storage {
-        Storage::Cpu(cpu) => {
-            let all = cpu.as_slice::<f32>().ok()?;
-            let (start, end) = layout.contiguous_offsets()?;
-            Some(&all[start..end])
-        }
-        _ => None,
-    }
-}
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes its own (image, head, query block) rectangle of the output.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer `i` floats on. A method, so closures capture the whole (Sync) wrapper.
-    #[inline(always)]
-    fn at(self, i: usize) -> *mut f32 {
-        // SAFETY: callers stay inside the allocation the pointer came from.
-        unsafe { self.0.add(i) }
-    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -108,15 +108,16 @@ pub struct Prefill<'a> {
 
 /// A raw output pointer shared by tasks that write disjoint parts of it.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks holding one write disjoint index ranges (distinct output columns of a band).
+pub(crate) struct OutPtr(pub(crate) *mut f32);
+// SAFETY: every user hands it to tasks that write disjoint index ranges (distinct output
+// columns of a band, distinct (image, head, query block) rectangles).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// The pointer `i` floats on. A method, so closures capture the whole (Sync) wrapper.
     #[inline(always)]
-    fn at(self, i: usize) -> *mut f32 {
+    pub(crate) fn at(self, i: usize) -> *mut f32 {
         // SAFETY: callers stay inside the allocation the pointer came from.
         unsafe { self.0.add(i) }
     }

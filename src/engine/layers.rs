@@ -11,7 +11,7 @@ use candle_nn::{Init, Linear, VarBuilder};
 use super::cpu::{self, ConvGeom, Prefill};
 
 /// The f32 contents of a contiguous CPU tensor (`None` for any other).
-fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
+pub(crate) fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
     match storage {
         Storage::Cpu(cpu) => {
             let all = cpu.as_slice::<f32>().ok()?;
