@@ -123,6 +123,7 @@ pub struct WorkerConfig {
     pub http: HttpConfig,
     pub shutdown: ShutdownConfig,
     pub retry: RetryConfig,
+    pub reconcile: crate::worker::reconcile::ReconcileConfig,
 }
 
 /// Built-in defaults of the settings that flags, env and the file can set.
@@ -302,6 +303,10 @@ pub struct ConnectionArgs {
     /// AWS_ENDPOINT also works].
     #[arg(long, env = "POPCON_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
+    /// How long an action's claim (the double-click window) lasts when nothing releases it,
+    /// e.g. after a crash between claim and reply [default: 30s].
+    #[arg(long, env = "POPCON_CLAIM_TTL", value_parser = parse_duration)]
+    pub claim_ttl: Option<Duration>,
 }
 
 /// [`ConnectionArgs`] resolved against the file and the defaults. Its `Debug` hides the URL
@@ -316,6 +321,7 @@ pub struct Connection {
     pub url_secret: Option<String>,
     pub s3_url: Option<String>,
     pub s3_endpoint: Option<String>,
+    pub claim_ttl: Duration,
 }
 
 impl ConnectionArgs {
@@ -329,6 +335,10 @@ impl ConnectionArgs {
     pub fn resolve_with(&self, file: &LoadedFile) -> Connection {
         let f = &file.file;
         Connection {
+            claim_ttl: self
+                .claim_ttl
+                .filter(|d| !d.is_zero())
+                .unwrap_or(crate::queue::CLAIM_TTL),
             redis_url: self
                 .redis_url
                 .clone()
@@ -401,6 +411,7 @@ impl Connection {
             redis_url: self.redis_url.clone(),
             prefix: self.prefix.clone(),
             connect_patience: Duration::from_secs(5),
+            claim_ttl: self.claim_ttl,
             ..QueueConfig::default()
         }
     }
@@ -462,6 +473,14 @@ pub struct RunArgs {
     /// Deliveries after which a failing entry is dead-lettered [default: 5].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_deliveries: Option<u32>,
+    /// How long a queued job's message may be missing from Redis (streams and pending lists)
+    /// while its rows still wait, before it is re-enqueued from the database [default: 60s].
+    #[arg(long, value_parser = parse_duration)]
+    pub reconcile_after: Option<Duration>,
+    /// How long a committed dispatch may stay unpublished before a worker publishes it
+    /// [default: 5s].
+    #[arg(long, value_parser = parse_duration)]
+    pub relay_after: Option<Duration>,
     /// Consumer name in the group (default: hostname-pid).
     #[arg(long, env = "POPCON_CONSUMER")]
     pub consumer: Option<String>,
@@ -569,6 +588,17 @@ impl RunArgs {
             },
             shutdown: ShutdownConfig { grace },
             retry: RetryConfig::default(),
+            reconcile: {
+                let mut r = crate::worker::reconcile::ReconcileConfig::default();
+                if let Some(d) = self.reconcile_after.filter(|d| !d.is_zero()) {
+                    r.lost_after = d;
+                }
+                if let Some(d) = self.relay_after.filter(|d| !d.is_zero()) {
+                    r.relay_after = d;
+                    r.every = r.every.min(d);
+                }
+                r
+            },
         };
         Ok(RunConfig {
             worker,
@@ -577,27 +607,21 @@ impl RunArgs {
     }
 }
 
-/// `500ms`, `25s`, `5m`, `20h`, or plain seconds.
+/// `500ms`, `25s`, `5m`, `20h`, `1h 30m` (humantime's syntax), or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (e.g. 500ms, 25s, 5m, 20h)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (ms, s, m, h)")),
+    let d = match s.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && (0.0..=1e9).contains(&secs) => {
+            Duration::from_secs_f64(secs)
+        }
+        Ok(_) => return Err(format!("`{s}` is out of range")),
+        Err(_) => humantime::parse_duration(s)
+            .map_err(|e| format!("`{s}` is not a duration ({e}; e.g. 500ms, 25s, 5m, 20h)"))?,
     };
-    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+    if d > Duration::from_secs(1_000_000_000) {
         return Err(format!("`{s}` is out of range"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -611,7 +635,9 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
         assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5d").is_err());
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert!(parse_duration("5 fortnights").is_err());
+        assert!(parse_duration("-3").is_err());
     }
 
     #[derive(clap::Parser, Debug)]

@@ -38,16 +38,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use serde::Serialize;
 
 use crate::blobs::{self, BlobError, Blobs};
-use crate::job::{Action, EmojiStatus, MAX_EMOJI, MESSAGE_VERSION, ValidJob};
+use crate::job::{Action, EmojiStatus, MAX_EMOJI};
 use crate::pipeline::post::{self, ImageError, ImageLimits};
 use crate::pipeline::prompt::{self, PromptError};
 use crate::queue::{CLAIM_TTL, OFF_HOURS_MAX_TTL, Queue, QueueError};
 use crate::store::{
-    Charge, Charged, JobRecord, NewJob, PreflipOutcome, RefundOutcome, Store, StoreError,
+    Charge, Charged, JobRecord, NewJob, OutboxEntry, PreflipOutcome, RefundOutcome, Store,
+    StoreError,
 };
 
 /// Why a request was not enqueued. Each variant says whether the caller's input was at fault
@@ -257,14 +257,6 @@ pub struct Submitted {
     pub deduped: bool,
 }
 
-/// The job id a submission with an idempotency key gets: derived from the user and the key,
-/// so every repeat names the same row and the database's primary key decides who created it.
-fn idempotent_job_id(user_id: &str, key: &str) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(format!("generate_set\n{user_id}\n{key}").as_bytes());
-    hex::encode(&digest[..16])
-}
-
 /// The answer to an action on an existing job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
@@ -374,6 +366,18 @@ impl Enqueuer {
         }
     }
 
+    /// The job a user's idempotency key created.
+    async fn job_for_key(
+        &self,
+        user_id: &str,
+        key: &str,
+    ) -> Result<Option<JobRecord>, EnqueueError> {
+        match self.store.job_for_idempotency_key(user_id, key).await? {
+            Some(id) => Ok(self.store.get_job(&id).await?),
+            None => Ok(None),
+        }
+    }
+
     /// Refuses costly work while the off-hours flag is set.
     pub async fn check_off_hours(&self) -> Result<(), EnqueueError> {
         match self.queue.off_hours_status().await? {
@@ -433,39 +437,62 @@ impl Enqueuer {
         for l in &labels {
             prompt::emoji_prompt(&req.subject, l, req.style.as_deref().unwrap_or(""))?;
         }
+        if let Some(key) = &req.idempotency_key {
+            let ok =
+                !key.is_empty() && key.len() <= 128 && key.bytes().all(|b| b.is_ascii_graphic());
+            if !ok {
+                return Err(EnqueueError::BadInput(
+                    "the idempotency key must be 1-128 printable ASCII characters".into(),
+                ));
+            }
+            // A repeat returns the first job, also during off-hours: nothing new is asked.
+            if let Some(job) = self.job_for_key(&req.user_id, key).await? {
+                return Ok(Submitted {
+                    job,
+                    charged: None,
+                    deduped: true,
+                });
+            }
+        }
+        self.check_off_hours().await?;
+        let price = self
+            .cfg
+            .prices
+            .generate_set_per_emoji
+            .checked_mul(labels.len() as i64)
+            .ok_or_else(|| EnqueueError::BadInput("price overflow".into()))?;
         let reference_png = match &req.reference {
             Some(bytes) => {
-                let img = post::decode_image(bytes, self.cfg.image_limits)?;
-                Some(post::encode_png(
-                    &image::DynamicImage::ImageRgb8(img).to_rgba8(),
-                )?)
+                // The decode is the costly part of a request: the user and the credits are
+                // checked first (the charge itself is taken, race-free, with the job below),
+                // and it runs on a blocking thread so the runtime keeps serving.
+                if price > 0 {
+                    if self.store.get_user(&req.user_id).await?.is_none() {
+                        return Err(EnqueueError::UnknownUser(req.user_id.clone()));
+                    }
+                    let balance = self.store.balance(&req.user_id).await?;
+                    if balance < price {
+                        return Err(EnqueueError::InsufficientCredits {
+                            balance,
+                            needed: price,
+                        });
+                    }
+                }
+                let bytes = bytes.clone();
+                let limits = self.cfg.image_limits;
+                let png = tokio::task::spawn_blocking(move || {
+                    let img = post::decode_image(&bytes, limits)?;
+                    post::encode_png(&image::DynamicImage::ImageRgb8(img).to_rgba8())
+                })
+                .await
+                .map_err(|e| EnqueueError::BadInput(format!("the image decoder failed: {e}")))??;
+                Some(png)
             }
             None => None,
         };
-        let id = match &req.idempotency_key {
-            Some(key) => {
-                let ok = !key.is_empty()
-                    && key.len() <= 128
-                    && key.bytes().all(|b| b.is_ascii_graphic());
-                if !ok {
-                    return Err(EnqueueError::BadInput(
-                        "the idempotency key must be 1-128 printable ASCII characters".into(),
-                    ));
-                }
-                let id = idempotent_job_id(&req.user_id, key);
-                // A repeat returns the first job, also during off-hours: nothing new is asked.
-                if let Some(job) = self.store.get_job(&id).await? {
-                    return Ok(Submitted {
-                        job,
-                        charged: None,
-                        deduped: true,
-                    });
-                }
-                id
-            }
-            None => uuid::Uuid::new_v4().simple().to_string(),
-        };
-        self.check_off_hours().await?;
+        // A random id, stored against (user, key) when there is a key: it cannot be derived
+        // from the key, so knowing a user's key does not reveal their job.
+        let id = uuid::Uuid::new_v4().simple().to_string();
 
         let new = NewJob {
             id: id.clone(),
@@ -477,44 +504,34 @@ impl Enqueuer {
             reference_key: reference_png.as_ref().map(|_| blobs::keys::reference(&id)),
             labels,
         };
-        let price = self
-            .cfg
-            .prices
-            .generate_set_per_emoji
-            .checked_mul(new.labels.len() as i64)
-            .ok_or_else(|| EnqueueError::BadInput("price overflow".into()))?;
-        let created = if price > 0 {
-            let reason = format!("generate_set {id} ({} emoji)", new.labels.len());
-            let charge = Charge {
-                user_id: &req.user_id,
-                amount: price,
-                reason: &reason,
-            };
-            self.store
-                .create_job_charged(&new, charge)
-                .await
-                .map(|(job, charged)| (job, Some(charged)))
-        } else {
-            self.store.create_job(&new).await.map(|job| (job, None))
-        };
-        let (job, charged) = match created {
+        let reason = format!("generate_set {id} ({} emoji)", new.labels.len());
+        let charge = (price > 0).then(|| Charge {
+            user_id: &req.user_id,
+            amount: price,
+            reason: &reason,
+        });
+        let created = self
+            .store
+            .create_job_dispatching(&new, charge, req.idempotency_key.as_deref())
+            .await;
+        let (job, charged, entry) = match created {
             Ok(v) => v,
-            // Two repeats raced past the read above: the row's primary key let one create
-            // the job (and its charge, keyed by the id); the other returns that job.
-            Err(StoreError::Conflict(_)) if req.idempotency_key.is_some() => {
-                let job = self.store.get_job(&id).await?.ok_or_else(|| {
-                    EnqueueError::Store(StoreError::Corrupt(format!("job {id} vanished")))
+            // Two repeats raced past the read above: the key's primary key let one create the
+            // job (and its charge); the other returns that job.
+            Err(StoreError::IdemKeyTaken(_)) | Err(StoreError::Conflict(_))
+                if req.idempotency_key.is_some() =>
+            {
+                let key = req.idempotency_key.as_deref().unwrap_or_default();
+                let job = self.job_for_key(&req.user_id, key).await?.ok_or_else(|| {
+                    EnqueueError::Store(StoreError::Corrupt(format!(
+                        "the job of idempotency key `{key}` vanished"
+                    )))
                 })?;
                 return Ok(Submitted {
                     job,
                     charged: None,
                     deduped: true,
                 });
-            }
-            Err(StoreError::IdemKeyReused { .. }) => {
-                return Err(EnqueueError::BadInput(
-                    "this idempotency key was used for a different request".into(),
-                ));
             }
             Err(e) => return Err(e.into()),
         };
@@ -523,10 +540,26 @@ impl Enqueuer {
             if let (Some(png), Some(key)) = (reference_png, &new.reference_key) {
                 self.blobs.put(key, png).await?;
             }
-            let msg = message(&id, &req.user_id, Action::GenerateSet, None, 1);
-            self.dispatch(&msg).await
+            self.dispatch(&entry).await
         };
         if let Err(e) = after_charge.await {
+            match self.store.outbox_withdraw(&entry.id).await {
+                // The relay published it meanwhile: the job is queued after all.
+                Ok(false) => {
+                    tracing::warn!(job_id = %id, error = %e, "dispatch failed but the relay had published it; the job stands");
+                    return Ok(Submitted {
+                        job,
+                        charged,
+                        deduped: false,
+                    });
+                }
+                Ok(true) => {}
+                Err(e2) => {
+                    // The intent stays: the relay publishes it once the database answers.
+                    tracing::error!(job_id = %id, error = %e2, "could not withdraw the outbox entry; the relay will publish it");
+                    return Err(EnqueueError::Store(e2));
+                }
+            }
             let reason = format!("could not be queued: {e}");
             if let Err(e2) = self.store.fail_unsettled(&id, 1, &reason).await {
                 tracing::error!(job_id = %id, error = %e2, "could not fail the rows of an unqueued job");
@@ -614,20 +647,15 @@ impl Enqueuer {
         let keep_status = action == Action::Approve;
         let price = self.cfg.prices.per_emoji(action);
         let reason = format!("{action} {job_id} emoji {idx}");
-        let (outcome, charged) = if price > 0 {
-            let charge = Charge {
-                user_id,
-                amount: price,
-                reason: &reason,
-            };
-            self.store
-                .preflip_charged(job_id, idx, expected, keep_status, action, charge)
-                .await?
-        } else if keep_status {
-            (self.store.bump_fence(job_id, idx, expected).await?, None)
-        } else {
-            (self.store.preflip_emoji(job_id, idx, expected).await?, None)
-        };
+        let charge = (price > 0).then(|| Charge {
+            user_id,
+            amount: price,
+            reason: &reason,
+        });
+        let (outcome, charged, entry) = self
+            .store
+            .preflip_dispatching(job_id, idx, expected, keep_status, action, user_id, charge)
+            .await?;
         let fence = match outcome {
             PreflipOutcome::Flipped { fence } => fence,
             // Another action on this row (a different claim key) flipped it first.
@@ -649,10 +677,12 @@ impl Enqueuer {
             restore: row.status,
             error: row.error.clone(),
         };
-        let msg = message(job_id, user_id, action, Some(idx), fence);
-        if let Err(e) = self.dispatch(&msg).await {
+        let entry = entry.ok_or_else(|| {
+            EnqueueError::Store(StoreError::Corrupt("outbox entry not written".into()))
+        })?;
+        if let Err(e) = self.dispatch(&entry).await {
             return self
-                .roll_back(job_id, action, &[flip], charged.iter().collect(), e)
+                .roll_back(&entry, &[flip], charged.iter().collect(), e)
                 .await;
         }
         tracing::info!(job_id, %action, idx, fence, charged = price, "action queued");
@@ -703,7 +733,11 @@ impl Enqueuer {
             amount: price,
             reason: &reason,
         });
-        let Some((bumped, charged)) = self.store.bump_done(job_id, charge).await? else {
+        let Some((bumped, charged, entry)) = self
+            .store
+            .bump_done_dispatching(job_id, user_id, charge)
+            .await?
+        else {
             return Err(EnqueueError::NotFound(format!("no job `{job_id}`")));
         };
         if bumped.is_empty() {
@@ -713,9 +747,11 @@ impl Enqueuer {
                 message: "no emoji of this job is done any more".into(),
             });
         }
-        let fence = bumped.iter().map(|&(_, f)| f).max().unwrap_or(1);
-        let msg = message(job_id, user_id, action, None, fence);
-        if let Err(e) = self.dispatch(&msg).await {
+        let entry = entry.ok_or_else(|| {
+            EnqueueError::Store(StoreError::Corrupt("outbox entry not written".into()))
+        })?;
+        let fence = entry.fence;
+        if let Err(e) = self.dispatch(&entry).await {
             let flips: Vec<Flip> = bumped
                 .iter()
                 .map(|&(idx, fence)| Flip {
@@ -727,7 +763,7 @@ impl Enqueuer {
                 })
                 .collect();
             return self
-                .roll_back(job_id, action, &flips, charged.iter().collect(), e)
+                .roll_back(&entry, &flips, charged.iter().collect(), e)
                 .await;
         }
         let idx: Vec<u32> = bumped.iter().map(|&(i, _)| i).collect();
@@ -743,26 +779,62 @@ impl Enqueuer {
         })
     }
 
-    async fn dispatch(&self, msg: &ValidJob) -> Result<(), EnqueueError> {
+    /// The fast path: publishes the committed outbox entry at once and marks it published.
+    /// Whatever it does not finish (a crash, Redis down), the workers' relay publishes later.
+    async fn dispatch(&self, entry: &OutboxEntry) -> Result<(), EnqueueError> {
         if let Some(hook) = &self.before_dispatch {
             hook().await;
         }
-        self.queue.enqueue(msg).await.map_err(EnqueueError::Queue)?;
+        crate::failpoint::hit("dispatch.before_publish");
+        self.queue
+            .enqueue(&entry.message())
+            .await
+            .map_err(EnqueueError::Queue)?;
+        crate::failpoint::hit("dispatch.after_publish");
+        if let Err(e) = self.store.outbox_published(&entry.id).await {
+            // The entry is on the stream: a second publish by the relay is harmless (fence
+            // and run-once key), so this is not the request's failure.
+            tracing::warn!(outbox = %entry.id, error = %e, "could not mark the outbox entry published");
+        }
         Ok(())
     }
 
-    /// The compensating rollback after a failed dispatch. Undoes each flip whose row is still
-    /// as the flip left it, refunds the charges, and reports the dispatch error. If no row
-    /// could be reverted because a worker already took them, the entry did reach the stream
-    /// (the reply was lost, not the write): the action stands and nothing is refunded.
+    /// The compensating rollback after a failed dispatch. First withdraws the outbox entry;
+    /// if the relay had published it already, the action stands. Then undoes each flip whose
+    /// row is still as the flip left it, refunds the charges, and reports the dispatch error.
+    /// If no row could be reverted because a worker already took them, the entry did reach
+    /// the stream (the reply was lost, not the write): the action stands and nothing is
+    /// refunded.
     async fn roll_back(
         &self,
-        job_id: &str,
-        action: Action,
+        entry: &OutboxEntry,
         flips: &[Flip],
         charged: Vec<&Charged>,
         err: EnqueueError,
     ) -> Result<ActionReply, EnqueueError> {
+        let job_id = entry.job_id.as_str();
+        let action = entry.action;
+        let stands = || ActionReply::Queued {
+            deduped: false,
+            job_id: job_id.to_string(),
+            action,
+            idx: flips.iter().map(|f| f.idx).collect(),
+            fence: entry.fence,
+            charged: charged.iter().map(|c| c.amount).sum(),
+            balance: charged.last().map(|c| c.balance),
+        };
+        match self.store.outbox_withdraw(&entry.id).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(job_id, %action, error = %err, "dispatch failed but the relay had published it; the action stands");
+                return Ok(stands());
+            }
+            Err(e) => {
+                // The intent is durable: the relay publishes it when the database answers.
+                tracing::error!(job_id, %action, error = %e, "could not withdraw the outbox entry; the relay will publish it");
+                return Ok(stands());
+            }
+        }
         let reason = format!("refund: could not be queued: {err}");
         let mut reverted = 0;
         let mut revert_failed = false;
@@ -795,16 +867,7 @@ impl Enqueuer {
         }
         if reverted == 0 && !revert_failed && !flips.is_empty() {
             // Every row was taken by a worker: the dispatch happened.
-            let first = &flips[0];
-            return Ok(ActionReply::Queued {
-                deduped: false,
-                job_id: job_id.to_string(),
-                action,
-                idx: flips.iter().map(|f| f.idx).collect(),
-                fence: first.fence,
-                charged: charged.iter().map(|c| c.amount).sum(),
-                balance: charged.last().map(|c| c.balance),
-            });
+            return Ok(stands());
         }
         for c in charged {
             self.refund(&c.key, &reason).await;
@@ -884,18 +947,6 @@ fn check_idx(job: &JobRecord, idx: u32) -> Result<(), EnqueueError> {
         job.emoji.len(),
         job.emoji.len().saturating_sub(1)
     )))
-}
-
-fn message(job_id: &str, user_id: &str, action: Action, idx: Option<u32>, fence: u64) -> ValidJob {
-    ValidJob {
-        v: MESSAGE_VERSION,
-        job_id: job_id.to_string(),
-        user_id: user_id.to_string(),
-        action,
-        idx,
-        fence,
-        enqueued_at: Utc::now(),
-    }
 }
 
 /// The free enqueue path (no credits): creates the job and enqueues `generate_set`. For

@@ -24,6 +24,9 @@
 //! - [`worker`]: the daemon loop, the engine thread, metrics, shutdown.
 //! - [`enqueue`]: the API side — claim, status check, charge + pre-flip, dispatch, and the
 //!   compensating rollback; shared by the HTTP API and the `enqueue` CLI.
+//!   Every dispatch goes through the transactional outbox; [`worker::reconcile`] publishes
+//!   what the fast path did not and re-enqueues what Redis lost.
+//! - [`failpoint`]: process-death failpoints for the fault tests (`POPCON_FAILPOINTS`).
 //! - [`auth`]: API users and their hashed bearer tokens.
 //! - [`http`]: axum — the enqueue API, the archive, image files and the streamed zip download,
 //!   and the probes (`/healthz`, `/readyz`, `/metrics`).
@@ -33,6 +36,7 @@ pub mod blobs;
 pub mod config;
 pub mod engine;
 pub mod enqueue;
+pub mod failpoint;
 pub mod http;
 pub mod job;
 pub mod kernels;

@@ -182,6 +182,7 @@ impl Api {
                 max: Duration::from_millis(200),
                 reclaim_every: Duration::from_millis(200),
             },
+            reconcile: Default::default(),
         };
         let worker = Arc::new(self.rt.block_on(Worker::start(cfg)).expect("worker starts"));
         let (trigger, shutdown) = shutdown_channel();

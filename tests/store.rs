@@ -207,6 +207,8 @@ conformance!(
     charged_job_creation_and_bump_done,
     list_jobs_newest_first_per_user,
     migrations_rerun_cleanly_and_refuse_a_changed_one,
+    outbox_entries_commit_with_their_flip_and_track_publishing,
+    submission_keys_map_a_repeat_to_the_first_job,
 );
 
 // ---- helpers -----------------------------------------------------------------------------
@@ -1502,4 +1504,133 @@ fn thumbnail_chain_every_branch() {
     let mut job = record(None, None);
     job.emoji = vec![emoji(0, Some("img/0")), emoji(1, Some("img/1"))];
     assert_eq!(job.thumbnail_source(), Emoji0Image("img/0".into()));
+}
+
+/// The outbox entry is written in the transaction of the job or pre-flip it dispatches, is
+/// found by the relay while unpublished, by the reconciler once its last publish is old, and
+/// can be withdrawn only while unpublished.
+async fn outbox_entries_commit_with_their_flip_and_track_publishing(ctx: Ctx) {
+    let s = ctx.store.clone();
+    s.create_user("u", "hash-u", false).await.unwrap();
+    s.grant("u", 10, "sign-up", "g").await.unwrap();
+    let (rec, charged, entry) = s
+        .create_job_dispatching(&new_job("a", "u", 2), Some(charge("u", 2)), None)
+        .await
+        .unwrap();
+    assert_eq!(rec.emoji.len(), 2);
+    assert_eq!(charged.unwrap().balance, 8);
+    assert_eq!(entry.id, "a:generate_set:-:1");
+    assert_eq!(entry.targets, vec![(0, 1), (1, 1)]);
+    assert!(entry.unsettled_in(&rec));
+    let future = chrono::Utc::now() + chrono::Duration::seconds(60);
+    let past = chrono::Utc::now() - chrono::Duration::seconds(60);
+    // Unpublished: due for the relay once old enough, not before.
+    let due = s.outbox_due(future, past, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0], entry, "read back as written");
+    assert!(s.outbox_due(past, past, 10).await.unwrap().is_empty());
+    let stats = s.outbox_stats().await.unwrap();
+    assert_eq!((stats.unpublished, stats.total), (1, 1));
+    assert_eq!(stats.oldest_unpublished, Some(entry.created_at));
+    // Published: the relay no longer takes it; the reconciler does once the publish is old.
+    assert!(s.outbox_published(&entry.id).await.unwrap());
+    assert!(s.outbox_due(future, past, 10).await.unwrap().is_empty());
+    let due = s.outbox_due(past, future, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].publishes, 1);
+    assert!(due[0].published_at.is_some());
+    assert!(
+        !s.outbox_withdraw(&entry.id).await.unwrap(),
+        "published: stays"
+    );
+    assert_eq!(s.outbox_stats().await.unwrap().unpublished, 0);
+
+    // A pre-flip's entry names the new fence; a refused flip writes none.
+    for idx in [0, 1] {
+        start(&s, "a", idx, 1).await;
+        finish(&s, "a", idx, 1).await;
+    }
+    let rec = s.get_job("a").await.unwrap().unwrap();
+    assert!(!entry.unsettled_in(&rec), "the set's rows are done");
+    let (outcome, charged, e2) = s
+        .preflip_dispatching(
+            "a",
+            0,
+            &[EmojiStatus::Done],
+            false,
+            Action::Regenerate,
+            "u",
+            Some(charge("u", 1)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, PreflipOutcome::Flipped { fence: 2 });
+    assert!(charged.is_some());
+    let e2 = e2.unwrap();
+    assert_eq!(e2.id, "a:regenerate:0:2");
+    assert_eq!(e2.message().fence, 2);
+    let (outcome, _, none) = s
+        .preflip_dispatching(
+            "a",
+            0,
+            &[EmojiStatus::Done],
+            false,
+            Action::Regenerate,
+            "u",
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, PreflipOutcome::WrongState(EmojiStatus::Pending));
+    assert!(none.is_none());
+    // Withdrawn while unpublished (the enqueue side's rollback).
+    assert!(s.outbox_withdraw(&e2.id).await.unwrap());
+    assert!(!s.outbox_withdraw(&e2.id).await.unwrap());
+
+    // approve-all: one entry for the bumped rows.
+    start(&s, "a", 0, 2).await;
+    finish(&s, "a", 0, 2).await;
+    let (bumped, _, e3) = s
+        .bump_done_dispatching("a", "u", None)
+        .await
+        .unwrap()
+        .unwrap();
+    let e3 = e3.unwrap();
+    assert_eq!(e3.targets, bumped);
+    assert_eq!(e3.action, Action::ApproveAll);
+    let rec = s.get_job("a").await.unwrap().unwrap();
+    assert!(e3.unsettled_in(&rec), "done rows wait for their approval");
+    assert!(s.outbox_remove(&entry.id).await.unwrap());
+    assert!(s.outbox_remove(&e3.id).await.unwrap());
+    assert_eq!(s.outbox_stats().await.unwrap().total, 0);
+}
+
+/// A generate-set key maps to the first job; a repeat is refused before anything is written.
+async fn submission_keys_map_a_repeat_to_the_first_job(ctx: Ctx) {
+    let s = ctx.store.clone();
+    s.create_user("u", "hash-u", false).await.unwrap();
+    s.grant("u", 10, "sign-up", "g").await.unwrap();
+    s.create_job_dispatching(&new_job("first", "u", 1), Some(charge("u", 1)), Some("k"))
+        .await
+        .unwrap();
+    let err = s
+        .create_job_dispatching(&new_job("second", "u", 1), Some(charge("u", 1)), Some("k"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::IdemKeyTaken(id) if id == "first"),
+        "{err}"
+    );
+    assert!(s.get_job("second").await.unwrap().is_none());
+    assert_eq!(s.balance("u").await.unwrap(), 9, "charged once");
+    assert_eq!(
+        s.job_for_idempotency_key("u", "k")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("first")
+    );
+    // Keys are per user.
+    s.create_user("v", "hash-v", false).await.unwrap();
+    assert!(s.job_for_idempotency_key("v", "k").await.unwrap().is_none());
 }

@@ -72,6 +72,7 @@ fn config_for(redis: &RedisServer, dir: &std::path::Path, consumer: &str) -> Wor
             max: Duration::from_millis(200),
             reclaim_every: Duration::from_millis(200),
         },
+        reconcile: Default::default(),
     }
 }
 
@@ -158,6 +159,25 @@ fn settled(rec: &JobRecord) -> bool {
         rec.status,
         JobStatus::Done | JobStatus::Failed | JobStatus::Partial
     )
+}
+
+/// Waits until the dead-letter stream holds at least `n` entries. The worker settles the rows
+/// first and dead-letters after (on purpose: see `Worker::dead_letter`), so a test that saw
+/// the rows settle must wait for the second system's end state, not read it at once.
+async fn dead_letters(queue: &Queue, n: usize) -> Vec<popcon_worker::queue::DeadLetter> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let dead = queue.dead_list(100).await.unwrap();
+        if dead.len() >= n {
+            return dead;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} dead letters, expected {n}: {dead:#?}",
+            dead.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn drained(queue: &Queue) {
@@ -284,7 +304,7 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_the_worker_keeps_run
         .unwrap();
     let done = wait_for(&store, &rec.id, "the good job", settled).await;
     assert_eq!(done.status, JobStatus::Done);
-    let dead = queue.dead_list(100).await.unwrap();
+    let dead = dead_letters(&queue, poison.len()).await;
     assert_eq!(dead.len(), poison.len(), "{dead:#?}");
     // Jobs run concurrently (prefetch), so the dead letters' order is not the stream's.
     for (_, want) in &poison {
@@ -597,10 +617,15 @@ async fn a_cancel_request_stops_the_job_between_steps_and_fails_its_rows() {
     let rec = wait_for(&store, "cancelme", "the cancel", settled).await;
     assert_eq!(rec.status, JobStatus::Failed);
     assert!(rec.emoji[0].error.as_deref().unwrap().contains("cancelled"));
-    assert!(
-        !queue.is_cancelled("cancelme").await.unwrap(),
-        "key cleared"
-    );
+    // The rows are failed first, the cancel key cleared after: wait for that end state too.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while queue.is_cancelled("cancelme").await.unwrap() {
+        assert!(
+            Instant::now() < deadline,
+            "the cancel key was never cleared"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let progress = queue.get_progress("cancelme").await.unwrap();
     assert!(
         progress.set.is_some(),
@@ -630,7 +655,7 @@ async fn a_retryable_failure_is_retried_with_backoff_then_dead_lettered_and_fail
     assert_eq!(rec.status, JobStatus::Failed);
     let err = rec.emoji[0].error.as_deref().unwrap();
     assert!(err.contains("gave up after 3 deliveries"), "{err}");
-    let dead = queue.dead_list(10).await.unwrap();
+    let dead = dead_letters(&queue, 1).await;
     assert_eq!(dead.len(), 1);
     assert!(
         dead[0].reason.contains("blob store I/O"),

@@ -95,6 +95,9 @@ pub struct QueueConfig {
     pub connect_patience: Duration,
     /// Time to live of a job's progress hash after its last update.
     pub progress_ttl: Duration,
+    /// How long an enqueue-side claim (the double-click window) lives when it is not
+    /// released: after an `api` crash it is what keeps the next click waiting.
+    pub claim_ttl: Duration,
 }
 
 impl Default for QueueConfig {
@@ -109,6 +112,7 @@ impl Default for QueueConfig {
             response_timeout: Duration::from_secs(2),
             connect_patience: Duration::from_secs(60),
             progress_ttl: Duration::from_secs(24 * 3600),
+            claim_ttl: values::CLAIM_TTL,
         }
     }
 }
@@ -412,9 +416,53 @@ impl Queue {
         }
     }
 
+    /// Runs a non-idempotent command (`XADD`, `SET NX`), retried only when the connection
+    /// was found stale — dropped or refused before the command could be sent, which is what
+    /// the connection manager hands out on the first command after Redis came back. It
+    /// reconnects meanwhile, so the retry runs on a fresh connection instead of the click
+    /// failing with a stale error. A timeout is never retried: the command may have run.
+    pub(crate) async fn query_write<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
+        use backon::Retryable;
+        let send = || async { cmd.query_async::<T>(&mut self.connection()).await };
+        Ok(send
+            .retry(stale_backoff())
+            .when(is_stale)
+            .notify(|e, after| tracing::debug!(error = %e, ?after, "stale redis connection; retrying on a fresh one"))
+            .await?)
+    }
+
+    /// A script invocation with [`Queue::query_write`]'s stale-connection retry.
+    pub(crate) async fn invoke_fresh<T: FromRedisValue>(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+    ) -> Result<T> {
+        use backon::Retryable;
+        let send = || async { inv.invoke_async::<T>(&mut self.connection()).await };
+        Ok(send
+            .retry(stale_backoff())
+            .when(is_stale)
+            .notify(|e, after| tracing::debug!(error = %e, ?after, "stale redis connection; retrying on a fresh one"))
+            .await?)
+    }
+
     fn stream(&self, lane: Lane) -> String {
         self.inner.keys.stream(lane)
     }
+}
+
+/// The connection manager reconnects in the background after a dropped connection; a few
+/// short waits cover that.
+fn stale_backoff() -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_millis(500))
+        .with_max_times(5)
+        .with_jitter()
+}
+
+/// A connection found dead or refused (not a timeout: then the command may have run).
+fn is_stale(e: &redis::RedisError) -> bool {
+    !e.is_timeout() && (e.is_connection_dropped() || e.is_connection_refusal())
 }
 
 /// Job ids become parts of key names: the same rule as the message validation

@@ -230,7 +230,8 @@ impl Queue {
         for (k, v) in fields {
             cmd.arg(*k).arg(*v);
         }
-        Ok(cmd.query_async::<String>(&mut self.connection()).await?)
+        // A duplicate entry after a reset mid-reply is harmless (fence and run-once key).
+        self.query_write::<String>(&cmd).await
     }
 
     /// Claims the next entry, interactive first, waiting up to the configured block time.
@@ -689,6 +690,91 @@ impl Queue {
         Ok(depth)
     }
 
+    /// The messages the queue still holds for some worker: entries not yet delivered to the
+    /// group, or delivered and not acked (pending, also while a retry waits). Each as its
+    /// outbox id ([`crate::store::outbox_id`]); unreadable entries are left out (the workers
+    /// dead-letter them). The reconciler's view of "the entry is gone". Reads at most
+    /// `limit` entries per lane.
+    pub async fn live_messages(&self, limit: usize) -> Result<std::collections::HashSet<String>> {
+        let mut live = std::collections::HashSet::new();
+        for lane in LANES {
+            let stream = self.stream(lane);
+            let groups: Value = match self
+                .query_idem(redis::cmd("XINFO").arg("GROUPS").arg(&stream))
+                .await
+            {
+                Ok(v) => v,
+                // No stream (Redis lost its data, or nothing was ever queued): nothing lives.
+                Err(QueueError::Redis(e)) if e.to_string().contains("no such key") => continue,
+                Err(e) => return Err(e),
+            };
+            let mut last_delivered: Option<(u64, u64)> = None;
+            for g in reply::req_array("XINFO GROUPS", Some(&groups))? {
+                let g = reply::pairs("XINFO GROUPS", g)?;
+                let get = |k: &str| g.iter().find(|(n, _)| n == k).map(|(_, v)| v);
+                if get("name").and_then(reply::string).as_deref() != Some(GROUP) {
+                    continue;
+                }
+                last_delivered = get("last-delivered-id")
+                    .and_then(reply::string)
+                    .as_deref()
+                    .and_then(parse_entry_id);
+            }
+            // Without our group no worker has taken anything: every entry is undelivered.
+            let last_delivered = last_delivered.unwrap_or((0, 0));
+            let pending: Vec<Value> = self
+                .query_idem(
+                    redis::cmd("XPENDING")
+                        .arg(&stream)
+                        .arg(GROUP)
+                        .arg("-")
+                        .arg("+")
+                        .arg(limit),
+                )
+                .await
+                .or_else(|e| {
+                    if e.is_no_group() {
+                        Ok(Vec::new())
+                    } else {
+                        Err(e)
+                    }
+                })?;
+            let pending: std::collections::HashSet<String> = pending
+                .iter()
+                .filter_map(|p| match p {
+                    Value::Array(items) => items.first().and_then(reply::string),
+                    _ => None,
+                })
+                .collect();
+            let entries: redis::streams::StreamRangeReply = self
+                .query_idem(
+                    redis::cmd("XRANGE")
+                        .arg(&stream)
+                        .arg("-")
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(limit),
+                )
+                .await?;
+            for e in entries.ids {
+                let undelivered = parse_entry_id(&e.id).is_some_and(|id| id > last_delivered);
+                if !undelivered && !pending.contains(&e.id) {
+                    continue;
+                }
+                let job: Option<String> = e.get("job");
+                if let Some(job) = job.and_then(|j| ValidJob::from_field(Some(&j)).ok()) {
+                    live.insert(crate::store::outbox_id(
+                        &job.job_id,
+                        job.action,
+                        job.idx,
+                        job.fence,
+                    ));
+                }
+            }
+        }
+        Ok(live)
+    }
+
     /// Removes entries every consumer is done with (below the oldest pending one, or below the
     /// first undelivered one). Never removes a pending or undelivered entry. Returns how many
     /// entries were removed.
@@ -702,6 +788,12 @@ impl Queue {
         }
         Ok(removed)
     }
+}
+
+/// `ms-seq` as a comparable pair.
+fn parse_entry_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 enum ClaimReply {

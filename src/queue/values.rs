@@ -136,12 +136,32 @@ impl Queue {
         idx: Option<u32>,
     ) -> Result<bool> {
         check_id("job id", job_id)?;
+        // After a reset mid-reply the retry may meet our own claim and answer "duplicate":
+        // conservative, and only after a connection fault.
+        let v: Option<String> = self
+            .query_write(
+                redis::cmd("SET")
+                    .arg(self.keys().claim(job_id, action, idx))
+                    .arg("1")
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(self.config().claim_ttl.as_millis().max(1) as u64),
+            )
+            .await?;
+        Ok(v.is_some())
+    }
+
+    /// Takes the `{prefix}lock:{name}` pass lock for `hold` if nobody holds it (one worker
+    /// runs a periodic pass at a time; the lock expires by itself, so a dead holder never
+    /// blocks the others for longer than `hold`).
+    pub async fn try_lock_pass(&self, name: &str, hold: Duration) -> Result<bool> {
+        let ms = (hold.as_millis() as u64 * 9 / 10).max(100);
         let v: Option<String> = redis::cmd("SET")
-            .arg(self.keys().claim(job_id, action, idx))
-            .arg("1")
+            .arg(format!("{}lock:{name}", self.keys().prefix()))
+            .arg(&self.config().consumer)
             .arg("NX")
-            .arg("EX")
-            .arg(CLAIM_TTL.as_secs())
+            .arg("PX")
+            .arg(ms)
             .query_async(&mut self.connection())
             .await?;
         Ok(v.is_some())
@@ -197,7 +217,7 @@ impl Queue {
     pub async fn off_hours_status(&self) -> Result<Option<Duration>> {
         let mut inv = scripts::OFF_HOURS_STATUS_SCRIPT.prepare_invoke();
         inv.key(self.keys().off_hours()).arg(ms(OFF_HOURS_MAX_TTL));
-        let v: Value = inv.invoke_async(&mut self.connection()).await?;
+        let v: Value = self.invoke_fresh(&inv).await?;
         let a = reply::req_array("off-hours status", Some(&v))?;
         if reply::req_int("off-hours status", a.get(1))? == 1 {
             self.warn_healed();

@@ -67,6 +67,11 @@ pub enum StoreError {
     #[error("idempotency key `{key}` was already used for a different ledger entry")]
     IdemKeyReused { key: String },
 
+    /// A generate-set idempotency key this user already used; the first job's id. Nothing was
+    /// written.
+    #[error("idempotency key already used for job `{0}`")]
+    IdemKeyTaken(String),
+
     /// The caller passed something the store refuses before touching the database.
     #[error("invalid argument: {0}")]
     Invalid(Cow<'static, str>),

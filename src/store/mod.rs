@@ -257,6 +257,100 @@ pub enum RefundOutcome {
     NoCharge,
 }
 
+/// The intent to dispatch one queue message, written in the transaction of the charge and
+/// pre-flip it belongs to (the transactional outbox, DESIGN.md "Outbox and reconciler").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutboxEntry {
+    /// `{job_id}:{action}:{idx or -}:{fence}`.
+    pub id: String,
+    pub job_id: String,
+    pub user_id: String,
+    pub action: Action,
+    pub idx: Option<u32>,
+    pub fence: u64,
+    /// The `(idx, fence)` rows the message is for.
+    pub targets: Vec<(u32, u64)>,
+    pub created_at: DateTime<Utc>,
+    /// When it was last published (by the enqueue side, the relay or the reconciler).
+    pub published_at: Option<DateTime<Utc>>,
+    /// How many times it was published.
+    pub publishes: u32,
+}
+
+impl OutboxEntry {
+    fn new(
+        job_id: &str,
+        user_id: &str,
+        action: Action,
+        idx: Option<u32>,
+        fence: u64,
+        targets: Vec<(u32, u64)>,
+        now: DateTime<Utc>,
+    ) -> OutboxEntry {
+        OutboxEntry {
+            id: outbox_id(job_id, action, idx, fence),
+            job_id: job_id.to_string(),
+            user_id: user_id.to_string(),
+            action,
+            idx,
+            fence,
+            targets,
+            created_at: now,
+            published_at: None,
+            publishes: 0,
+        }
+    }
+
+    /// The queue message this entry stands for (stamped now).
+    pub fn message(&self) -> crate::job::ValidJob {
+        crate::job::ValidJob {
+            v: crate::job::MESSAGE_VERSION,
+            job_id: self.job_id.clone(),
+            user_id: self.user_id.clone(),
+            action: self.action,
+            idx: self.idx,
+            fence: self.fence,
+            enqueued_at: Utc::now(),
+        }
+    }
+
+    /// Whether the rows it names still wait for this message: each target row carries the
+    /// entry's fence and has not reached the state the action leads to (`pending`/`running`
+    /// for diffusion; `done` for approve, whose worker step is `done → approved`).
+    pub fn unsettled_in(&self, job: &JobRecord) -> bool {
+        self.targets.iter().any(|&(idx, fence)| {
+            job.emoji.iter().any(|e| {
+                e.idx == idx
+                    && e.fence == fence
+                    && if self.action.is_costly() {
+                        matches!(e.status, EmojiStatus::Pending | EmojiStatus::Running)
+                    } else {
+                        e.status == EmojiStatus::Done
+                    }
+            })
+        })
+    }
+}
+
+/// The outbox id of a message.
+pub fn outbox_id(job_id: &str, action: Action, idx: Option<u32>, fence: u64) -> String {
+    match idx {
+        Some(i) => format!("{job_id}:{action}:{i}:{fence}"),
+        None => format!("{job_id}:{action}:-:{fence}"),
+    }
+}
+
+/// The outbox's backlog, for the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutboxStats {
+    /// Entries never published.
+    pub unpublished: u64,
+    /// Entries kept (published or not) whose rows may still need them.
+    pub total: u64,
+    /// The oldest never-published entry's creation time.
+    pub oldest_unpublished: Option<DateTime<Utc>>,
+}
+
 /// Which database a [`Store`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
@@ -666,6 +760,135 @@ impl Store {
         let fence = fence_param(fence)?;
         with_retry!(self, |b| b
             .revert_preflip(job_id, idx, fence, flipped_to, restore, error))
+    }
+
+    // ---- dispatch: the transactional outbox ---------------------------------------------
+
+    /// [`Store::create_job`] (and its charge, when given) plus the outbox entry of its
+    /// `generate_set` message, in one transaction.
+    ///
+    /// With `idem_key`, the job's id is stored against `(user, key)` in the same transaction;
+    /// a key already used by this user is [`StoreError::IdemKeyTaken`] with the first job's id,
+    /// and nothing is written or charged.
+    pub async fn create_job_dispatching(
+        &self,
+        job: &NewJob,
+        charge: Option<Charge<'_>>,
+        idem_key: Option<&str>,
+    ) -> StoreResult<(JobRecord, Option<Charged>, OutboxEntry)> {
+        non_empty("job id", &job.id)?;
+        non_empty("user id", &job.user_id)?;
+        if let Some(c) = &charge {
+            positive(c.amount)?;
+        }
+        if job.labels.is_empty() || job.labels.len() > MAX_EMOJI as usize {
+            return Err(StoreError::invalid(format!(
+                "a job needs 1 to {MAX_EMOJI} emoji labels, got {}",
+                job.labels.len()
+            )));
+        }
+        let (rec, charged, entry) = with_retry!(self, |b| b.create_job_keyed(
+            job,
+            charge.as_ref(),
+            true,
+            idem_key
+        ))?;
+        let entry = entry.ok_or_else(|| StoreError::Corrupt("outbox entry not written".into()))?;
+        Ok((rec, charged, entry))
+    }
+
+    /// The pre-flip of one emoji for `action` (status kept with `keep_status`), its charge
+    /// when given, and the outbox entry of the message, in ONE transaction.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn preflip_dispatching(
+        &self,
+        job_id: &str,
+        idx: u32,
+        expected: &[EmojiStatus],
+        keep_status: bool,
+        action: Action,
+        user_id: &str,
+        charge: Option<Charge<'_>>,
+    ) -> StoreResult<(PreflipOutcome, Option<Charged>, Option<OutboxEntry>)> {
+        if expected.is_empty() {
+            return Err(StoreError::invalid(
+                "preflip needs at least one expected status",
+            ));
+        }
+        if let Some(c) = &charge {
+            positive(c.amount)?;
+        }
+        with_retry!(self, |b| b.preflip_outboxed(
+            job_id,
+            idx,
+            expected,
+            keep_status,
+            action,
+            charge.as_ref(),
+            Some(user_id)
+        ))
+    }
+
+    /// approve-all's pre-flip ([`Store::bump_done`]) plus the outbox entry of its message.
+    pub async fn bump_done_dispatching(
+        &self,
+        job_id: &str,
+        user_id: &str,
+        charge: Option<Charge<'_>>,
+    ) -> StoreResult<Option<(Vec<(u32, u64)>, Vec<Charged>, Option<OutboxEntry>)>> {
+        if let Some(c) = &charge {
+            positive(c.amount)?;
+        }
+        with_retry!(self, |b| b.bump_done_outboxed(
+            job_id,
+            charge.as_ref(),
+            Some(user_id)
+        ))
+    }
+
+    /// The job a user's generate-set idempotency key created, if any.
+    pub async fn job_for_idempotency_key(
+        &self,
+        user_id: &str,
+        key: &str,
+    ) -> StoreResult<Option<String>> {
+        with_retry!(self, |b| b.job_for_key(user_id, key))
+    }
+
+    /// Records that `id` was published now. Returns whether the entry exists.
+    pub async fn outbox_published(&self, id: &str) -> StoreResult<bool> {
+        with_retry!(self, |b| b.outbox_published(id))
+    }
+
+    /// Withdraws an entry that was never published (the enqueue side's rollback after a
+    /// failed dispatch). Returns false when it was already published (by the relay): then
+    /// the message is out and the action stands.
+    pub async fn outbox_withdraw(&self, id: &str) -> StoreResult<bool> {
+        with_retry!(self, |b| b.outbox_withdraw(id))
+    }
+
+    /// Removes an entry whose rows have moved on.
+    pub async fn outbox_remove(&self, id: &str) -> StoreResult<bool> {
+        with_retry!(self, |b| b.outbox_remove(id))
+    }
+
+    /// Entries due for the relay (never published, created before `unpublished_before`) or
+    /// for the reconciler's check (last published before `published_before`), oldest first.
+    pub async fn outbox_due(
+        &self,
+        unpublished_before: DateTime<Utc>,
+        published_before: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<OutboxEntry>> {
+        with_retry!(self, |b| b.outbox_due(
+            unpublished_before,
+            published_before,
+            limit
+        ))
+    }
+
+    pub async fn outbox_stats(&self) -> StoreResult<OutboxStats> {
+        with_retry!(self, |b| b.outbox_stats())
     }
 
     // ---- credits -----------------------------------------------------------------------

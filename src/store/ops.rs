@@ -23,10 +23,11 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use sqlx::{Row, Transaction};
 
-use super::{Db, DbRow, Imp, get_ts, sql, text_list, ts};
+use super::{Db, DbRow, Imp, get_opt_ts, get_ts, sql, text_list, ts};
 use crate::job::{self, Action, EmojiStatus, JobStatus};
 use crate::store::{
-    Charge, Charged, EmojiOutcome, EmojiRecord, JobRecord, LedgerOutcome, NewJob, PreflipOutcome,
+    Charge, Charged, EmojiOutcome, EmojiRecord, JobRecord, LedgerOutcome, NewJob, OutboxEntry,
+    OutboxStats, PreflipOutcome,
     RefundOutcome, StartOutcome, StoreError, StoreResult, UserRecord, WriteOutcome, now,
     parse_emoji_status, parse_job_status, seed_from_db, seed_to_db, stored_u32, stored_u64,
 };
@@ -239,6 +240,51 @@ async fn ledger_entry(
 }
 
 /// Takes `charge` under `idem_key` inside the caller's transaction (see [`ledger_entry`]).
+/// Writes the intent to dispatch in the caller's transaction. A repeat of the same message
+/// (same id) keeps the first entry.
+async fn outbox_insert(tx: &mut Tx, e: &OutboxEntry) -> StoreResult<()> {
+    let targets = serde_json::to_string(&e.targets)
+        .map_err(|err| StoreError::Corrupt(format!("outbox targets: {err}")))?;
+    sqlx::query(
+        "INSERT INTO dispatch_outbox \
+         (id, job_id, user_id, action, idx, fence, targets, created_at, published_at, publishes) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL, 0) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&e.id)
+    .bind(&e.job_id)
+    .bind(&e.user_id)
+    .bind(e.action.as_str())
+    .bind(e.idx.map(i64::from))
+    .bind(i64::try_from(e.fence).map_err(|_| StoreError::invalid("fence out of range"))?)
+    .bind(targets)
+    .bind(ts(e.created_at))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn outbox_from_row(row: &DbRow) -> StoreResult<OutboxEntry> {
+    let action: String = row.try_get("action")?;
+    let targets: String = row.try_get("targets")?;
+    Ok(OutboxEntry {
+        id: row.try_get("id")?,
+        job_id: row.try_get("job_id")?,
+        user_id: row.try_get("user_id")?,
+        action: Action::parse(&action)
+            .ok_or_else(|| StoreError::Corrupt(format!("outbox action `{action}`")))?,
+        idx: row
+            .try_get::<Option<i64>, _>("idx")?
+            .map(|i| stored_u32(i, "outbox idx"))
+            .transpose()?,
+        fence: stored_u64(row.try_get("fence")?, "outbox fence")?,
+        targets: serde_json::from_str(&targets)
+            .map_err(|e| StoreError::Corrupt(format!("outbox targets `{targets}`: {e}")))?,
+        created_at: get_ts(row, "created_at")?,
+        published_at: get_opt_ts(row, "published_at")?,
+        publishes: stored_u32(row.try_get("publishes")?, "outbox publishes")?,
+    })
+}
+
 async fn take_charge(
     tx: &mut Tx,
     charge: &Charge<'_>,
@@ -347,8 +393,42 @@ impl Imp {
         job: &NewJob,
         charge: Option<&Charge<'_>>,
     ) -> StoreResult<(JobRecord, Option<Charged>)> {
+        let (rec, charged, _) = self.create_job_outboxed(job, charge, false).await?;
+        Ok((rec, charged))
+    }
+
+    pub(in crate::store) async fn create_job_outboxed(
+        &self,
+        job: &NewJob,
+        charge: Option<&Charge<'_>>,
+        outbox: bool,
+    ) -> StoreResult<(JobRecord, Option<Charged>, Option<OutboxEntry>)> {
+        self.create_job_keyed(job, charge, outbox, None).await
+    }
+
+    pub(in crate::store) async fn create_job_keyed(
+        &self,
+        job: &NewJob,
+        charge: Option<&Charge<'_>>,
+        outbox: bool,
+        idem_key: Option<&str>,
+    ) -> StoreResult<(JobRecord, Option<Charged>, Option<OutboxEntry>)> {
         let now = now();
         let mut tx = self.begin_write().await?;
+        if let Some(key) = idem_key {
+            // First, so a repeat fails here (a conflict) before anything is charged.
+            let taken = sqlx::query(
+                "SELECT job_id FROM submission_keys WHERE user_id = $1 AND idem_key = $2",
+            )
+            .bind(&job.user_id)
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = taken {
+                let id: String = row.try_get("job_id")?;
+                return abort(tx, StoreError::IdemKeyTaken(id)).await;
+            }
+        }
         // The charge first: a refused charge (unknown user, too few credits) creates nothing.
         let charged = match charge {
             Some(c) => {
@@ -402,6 +482,35 @@ impl Imp {
                 updated_at: now,
             });
         }
+        if let Some(key) = idem_key {
+            sqlx::query(
+                "INSERT INTO submission_keys (user_id, idem_key, job_id, created_at) \
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(&job.user_id)
+            .bind(key)
+            .bind(&job.id)
+            .bind(ts(now))
+            .execute(&mut *tx)
+            .await?;
+        }
+        let entry = if outbox {
+            let targets = emoji.iter().map(|e| (e.idx, 1)).collect();
+            let e = OutboxEntry::new(
+                &job.id,
+                &job.user_id,
+                Action::GenerateSet,
+                None,
+                1,
+                targets,
+                now,
+            );
+            outbox_insert(&mut tx, &e).await?;
+            crate::failpoint::hit("dispatch.before_commit");
+            Some(e)
+        } else {
+            None
+        };
         tx.commit().await?;
         let rec = JobRecord {
             id: job.id.clone(),
@@ -419,7 +528,7 @@ impl Imp {
             updated_at: now,
             emoji,
         };
-        Ok((rec, charged))
+        Ok((rec, charged, entry))
     }
 
     pub(in crate::store) async fn get_job(&self, id: &str) -> StoreResult<Option<JobRecord>> {
@@ -785,11 +894,38 @@ impl Imp {
         keep_status: bool,
         charge: Option<(Action, &Charge<'_>)>,
     ) -> StoreResult<(PreflipOutcome, Option<Charged>)> {
+        // Without a charge or an outbox entry the action names nothing stored.
+        let action = charge.map_or(Action::Regenerate, |(a, _)| a);
+        let (outcome, charged, _) = self
+            .preflip_outboxed(
+                job_id,
+                idx,
+                expected,
+                keep_status,
+                action,
+                charge.map(|(_, c)| c),
+                None,
+            )
+            .await?;
+        Ok((outcome, charged))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(in crate::store) async fn preflip_outboxed(
+        &self,
+        job_id: &str,
+        idx: u32,
+        expected: &[EmojiStatus],
+        keep_status: bool,
+        action: Action,
+        charge: Option<&Charge<'_>>,
+        dispatch_for: Option<&str>,
+    ) -> StoreResult<(PreflipOutcome, Option<Charged>, Option<OutboxEntry>)> {
         let now = now();
         let expected: Vec<&str> = expected.iter().map(|s| s.as_str()).collect();
         let mut tx = self.begin_write().await?;
         if !lock_job(&mut tx, job_id).await? {
-            return rollback(tx, (PreflipOutcome::Missing, None)).await;
+            return rollback(tx, (PreflipOutcome::Missing, None, None)).await;
         }
         // The decision is this one statement: of concurrent callers, the first to update the
         // row changes its status (or fence) and every later one no longer matches `expected`
@@ -818,13 +954,13 @@ impl Imp {
                     &r.try_get::<String, _>("status")?,
                 )?),
             };
-            return rollback(tx, (outcome, None)).await;
+            return rollback(tx, (outcome, None, None)).await;
         };
         let fence = stored_u64(row.try_get("fence")?, "fence")?;
         // Charged in the flip's transaction, under a key named by the new fence: both or
         // neither commit, and the worker can name this charge from the message alone.
         let charged = match charge {
-            Some((action, c)) => {
+            Some(c) => {
                 let key = job::charge_key(job_id, action, Some(idx), fence);
                 match take_charge(&mut tx, c, key, now).await {
                     Ok(ch) => Some(ch),
@@ -844,8 +980,25 @@ impl Imp {
             .execute(&mut *tx)
             .await?;
         }
+        let entry = match dispatch_for {
+            Some(user_id) => {
+                let e = OutboxEntry::new(
+                    job_id,
+                    user_id,
+                    action,
+                    Some(idx),
+                    fence,
+                    vec![(idx, fence)],
+                    now,
+                );
+                outbox_insert(&mut tx, &e).await?;
+                crate::failpoint::hit("dispatch.before_commit");
+                Some(e)
+            }
+            None => None,
+        };
         tx.commit().await?;
-        Ok((PreflipOutcome::Flipped { fence }, charged))
+        Ok((PreflipOutcome::Flipped { fence }, charged, entry))
     }
 
     pub(in crate::store) async fn bump_done(
@@ -853,6 +1006,19 @@ impl Imp {
         job_id: &str,
         charge: Option<&Charge<'_>>,
     ) -> StoreResult<Option<(Vec<(u32, u64)>, Vec<Charged>)>> {
+        Ok(self
+            .bump_done_outboxed(job_id, charge, None)
+            .await?
+            .map(|(b, c, _)| (b, c)))
+    }
+
+    #[allow(clippy::type_complexity)]
+    pub(in crate::store) async fn bump_done_outboxed(
+        &self,
+        job_id: &str,
+        charge: Option<&Charge<'_>>,
+        dispatch_for: Option<&str>,
+    ) -> StoreResult<Option<(Vec<(u32, u64)>, Vec<Charged>, Option<OutboxEntry>)>> {
         let now = now();
         let mut tx = self.begin_write().await?;
         if !lock_job(&mut tx, job_id).await? {
@@ -886,8 +1052,26 @@ impl Imp {
                 }
             }
         }
+        let entry = match dispatch_for {
+            Some(user_id) if !bumped.is_empty() => {
+                let fence = bumped.iter().map(|&(_, f)| f).max().unwrap_or(1);
+                let e = OutboxEntry::new(
+                    job_id,
+                    user_id,
+                    Action::ApproveAll,
+                    None,
+                    fence,
+                    bumped.clone(),
+                    now,
+                );
+                outbox_insert(&mut tx, &e).await?;
+                crate::failpoint::hit("dispatch.before_commit");
+                Some(e)
+            }
+            _ => None,
+        };
         tx.commit().await?;
-        Ok(Some((bumped, charged)))
+        Ok(Some((bumped, charged, entry)))
     }
 
     pub(in crate::store) async fn revert_preflip(
@@ -927,6 +1111,94 @@ impl Imp {
         settle(&mut tx, job_id, now).await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    pub(in crate::store) async fn job_for_key(
+        &self,
+        user_id: &str,
+        key: &str,
+    ) -> StoreResult<Option<String>> {
+        let row =
+            sqlx::query("SELECT job_id FROM submission_keys WHERE user_id = $1 AND idem_key = $2")
+                .bind(user_id)
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| r.try_get("job_id").map_err(StoreError::from))
+            .transpose()
+    }
+
+    // ---- outbox --------------------------------------------------------------------------
+
+    pub(in crate::store) async fn outbox_published(&self, id: &str) -> StoreResult<bool> {
+        let n = sqlx::query(
+            "UPDATE dispatch_outbox SET published_at = $2, publishes = publishes + 1 WHERE id = $1",
+        )
+        .bind(id)
+        .bind(ts(now()))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n > 0)
+    }
+
+    pub(in crate::store) async fn outbox_withdraw(&self, id: &str) -> StoreResult<bool> {
+        let n = sqlx::query("DELETE FROM dispatch_outbox WHERE id = $1 AND published_at IS NULL")
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n > 0)
+    }
+
+    pub(in crate::store) async fn outbox_remove(&self, id: &str) -> StoreResult<bool> {
+        let n = sqlx::query("DELETE FROM dispatch_outbox WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n > 0)
+    }
+
+    pub(in crate::store) async fn outbox_due(
+        &self,
+        unpublished_before: DateTime<Utc>,
+        published_before: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<OutboxEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, job_id, user_id, action, idx, fence, targets, created_at, published_at, \
+             publishes FROM dispatch_outbox \
+             WHERE (published_at IS NULL AND created_at < $1) OR published_at < $2 \
+             ORDER BY created_at, id LIMIT $3",
+        )
+        .bind(ts(unpublished_before))
+        .bind(ts(published_before))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(outbox_from_row).collect()
+    }
+
+    pub(in crate::store) async fn outbox_stats(&self) -> StoreResult<OutboxStats> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS total, \
+             COALESCE(SUM(CASE WHEN published_at IS NULL THEN 1 ELSE 0 END), 0) AS unpublished \
+             FROM dispatch_outbox",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let oldest = sqlx::query(
+            "SELECT created_at FROM dispatch_outbox WHERE published_at IS NULL \
+             ORDER BY created_at LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(OutboxStats {
+            unpublished: stored_u64(row.try_get("unpublished")?, "outbox count")?,
+            total: stored_u64(row.try_get("total")?, "outbox count")?,
+            oldest_unpublished: oldest.map(|r| get_ts(&r, "created_at")).transpose()?,
+        })
     }
 
     // ---- credits -------------------------------------------------------------------------

@@ -27,8 +27,14 @@ type Db = sqlx::Postgres;
 type DbRow = PgRow;
 type Imp = PgStore;
 
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "init", include_str!("migrations/postgres/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("migrations/postgres/0001_init.sql")),
+    (
+        2,
+        "outbox",
+        include_str!("migrations/postgres/0002_outbox.sql"),
+    ),
+];
 
 #[derive(Debug, Clone)]
 pub(super) struct PgStore {
@@ -60,6 +66,10 @@ fn ts(t: DateTime<Utc>) -> DateTime<Utc> {
 
 fn get_ts(row: &DbRow, col: &str) -> StoreResult<DateTime<Utc>> {
     Ok(row.try_get::<DateTime<Utc>, _>(col)?)
+}
+
+fn get_opt_ts(row: &DbRow, col: &str) -> StoreResult<Option<DateTime<Utc>>> {
+    Ok(row.try_get::<Option<DateTime<Utc>>, _>(col)?)
 }
 
 fn text_list(items: &[&str]) -> Vec<String> {

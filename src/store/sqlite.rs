@@ -33,8 +33,14 @@ type Db = sqlx::Sqlite;
 type DbRow = SqliteRow;
 type Imp = SqliteStore;
 
-const MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "init", include_str!("migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("migrations/sqlite/0001_init.sql")),
+    (
+        2,
+        "outbox",
+        include_str!("migrations/sqlite/0002_outbox.sql"),
+    ),
+];
 
 #[derive(Debug, Clone)]
 pub(super) struct SqliteStore {
@@ -96,6 +102,12 @@ fn ts(t: DateTime<Utc>) -> String {
 
 fn get_ts(row: &DbRow, col: &str) -> StoreResult<DateTime<Utc>> {
     parse_ts(&row.try_get::<String, _>(col)?)
+}
+
+fn get_opt_ts(row: &DbRow, col: &str) -> StoreResult<Option<DateTime<Utc>>> {
+    row.try_get::<Option<String>, _>(col)?
+        .map(|s| parse_ts(&s))
+        .transpose()
 }
 
 fn text_list(items: &[&str]) -> String {

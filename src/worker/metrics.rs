@@ -32,9 +32,17 @@ pub struct Metrics {
     pub reclaimed: AtomicU64,
     pub duplicates: AtomicU64,
     pub released: AtomicU64,
+    /// Outbox entries the relay published (the enqueue side had not).
+    pub outbox_relayed: AtomicU64,
+    /// Messages re-enqueued from the database after the queue lost them.
+    pub reconciled: AtomicU64,
+    /// Jobs failed and refunded after their message was lost too often.
+    pub reconcile_gave_up: AtomicU64,
     /// Per stage: (count, total microseconds), indexed like [`STAGES`].
     stages: [StageSum; 6],
     depth: Mutex<Option<QueueDepth>>,
+    /// The outbox as the last reconcile pass saw it, and when.
+    outbox: Mutex<Option<(crate::store::OutboxStats, chrono::DateTime<chrono::Utc>)>>,
 }
 
 #[derive(Debug, Default)]
@@ -56,6 +64,12 @@ impl Metrics {
             self.stages[i]
                 .micros
                 .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        }
+    }
+
+    pub fn set_outbox(&self, stats: crate::store::OutboxStats, at: chrono::DateTime<chrono::Utc>) {
+        if let Ok(mut o) = self.outbox.lock() {
+            *o = Some((stats, at));
         }
     }
 
@@ -107,6 +121,21 @@ impl Metrics {
                 "Entries released at shutdown",
                 get(&self.released),
             ),
+            (
+                "outbox_relayed",
+                "Outbox entries published by the relay (the enqueue side had not)",
+                get(&self.outbox_relayed),
+            ),
+            (
+                "reconciled",
+                "Messages re-enqueued from the database after the queue lost them",
+                get(&self.reconciled),
+            ),
+            (
+                "reconcile_gave_up",
+                "Jobs failed and refunded after their message was lost too often",
+                get(&self.reconcile_gave_up),
+            ),
         ] {
             let _ = writeln!(out, "# HELP popcon_jobs_{name}_total {help}");
             let _ = writeln!(out, "# TYPE popcon_jobs_{name}_total counter");
@@ -133,6 +162,34 @@ impl Metrics {
             "popcon_engine_busy_seconds_total {}",
             engine_busy.as_secs_f64()
         );
+        if let Ok(o) = self.outbox.lock()
+            && let Some((stats, at)) = o.as_ref()
+        {
+            let oldest = stats.oldest_unpublished.map_or(0.0, |t| {
+                ((*at - t).num_milliseconds().max(0) as f64) / 1000.0
+            });
+            for (name, help, v) in [
+                (
+                    "popcon_outbox_unpublished",
+                    "Outbox entries not yet published",
+                    stats.unpublished as f64,
+                ),
+                (
+                    "popcon_outbox_entries",
+                    "Outbox entries kept while their rows may need them",
+                    stats.total as f64,
+                ),
+                (
+                    "popcon_outbox_oldest_unpublished_seconds",
+                    "Age of the oldest unpublished outbox entry",
+                    oldest,
+                ),
+            ] {
+                let _ = writeln!(out, "# HELP {name} {help}");
+                let _ = writeln!(out, "# TYPE {name} gauge");
+                let _ = writeln!(out, "{name} {v}");
+            }
+        }
         let _ = writeln!(out, "# TYPE popcon_engine_calls_total counter");
         let _ = writeln!(out, "popcon_engine_calls_total {engine_calls}");
         if let Ok(d) = self.depth.lock()

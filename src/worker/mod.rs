@@ -45,6 +45,7 @@
 
 pub mod engine_actor;
 pub mod metrics;
+pub mod reconcile;
 pub mod shutdown;
 
 use std::sync::Arc;
@@ -306,6 +307,7 @@ impl Worker {
             Err(e) => tracing::warn!(error = %e, "could not re-read own pending entries"),
         }
         let mut last_reclaim: Option<Instant> = None;
+        let mut last_reconcile: Option<Instant> = None;
         let mut backoff = Duration::from_millis(100);
         let mut claim_interrupted = false;
         while !shutdown.is_triggered() {
@@ -326,6 +328,20 @@ impl Worker {
                 }
                 if inflight.len() >= slots {
                     continue;
+                }
+            }
+            if last_reconcile.is_none_or(|t| t.elapsed() >= self.cfg.reconcile.every) {
+                last_reconcile = Some(Instant::now());
+                match reconcile::pass(&self.store, &self.queue, &self.cfg.reconcile, &self.metrics)
+                    .await
+                {
+                    Ok(r) if r.relayed + r.republished + r.gave_up > 0 => {
+                        tracing::info!(report = ?r, "reconcile pass")
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reconcile pass failed; next pass retries")
+                    }
                 }
             }
             let claimed = tokio::select! {
@@ -540,6 +556,30 @@ impl Worker {
         }
     }
 
+    /// Keeps in `started` the rows that are still `running` under this message's fence;
+    /// returns true when none is left (the job moved on: stop without writing).
+    async fn still_running(&self, job: &ValidJob, started: &mut Vec<u32>) -> Result<bool, Stop> {
+        let rec = self
+            .store
+            .get_job(&job.job_id)
+            .await?
+            .ok_or_else(|| WorkerError::JobMissing(job.job_id.clone()))?;
+        let before = started.len();
+        started.retain(|&i| {
+            rec.emoji.iter().any(|e| {
+                e.idx == i && e.fence == job.fence && e.status == crate::job::EmojiStatus::Running
+            })
+        });
+        if started.len() < before {
+            tracing::warn!(
+                left = started.len(),
+                before,
+                "rows moved on while this worker held them (another worker finished them, or a newer action)"
+            );
+        }
+        Ok(started.is_empty())
+    }
+
     /// Whether the database says this message has nothing left to do: every row it names
     /// carries another fence, or (for diffusion) has settled. Unknown (a read error, a missing
     /// job) counts as not stale, so the normal gates decide.
@@ -735,7 +775,15 @@ impl Worker {
             });
         }
 
+        // Checked again right before each costly stage: a worker that stalled after
+        // starting the rows may resume after another worker finished them.
+        if self.still_running(job, &mut started).await? {
+            return Ok(Finished::AlreadyHandled);
+        }
         let pose = self.pose_image(&rec, job, claim, shutdown).await?;
+        if self.still_running(job, &mut started).await? {
+            return Ok(Finished::AlreadyHandled);
+        }
         let preset = self.engine.preset();
         let mut prompts = Vec::with_capacity(started.len());
         let mut seeds = Vec::with_capacity(started.len());
@@ -766,10 +814,17 @@ impl Worker {
         req.alpha_key = AlphaKey::default();
         let progress_slots: Vec<Option<u32>> = started.iter().map(|&i| Some(i)).collect();
         let rendered = self
-            .render(req, &job.job_id, &progress_slots, "emoji", claim, shutdown)
+            .render(req, job, &progress_slots, "emoji", claim, shutdown)
             .await?;
 
-        for ((idx, seed), mut img) in started.iter().copied().zip(seeds).zip(rendered.images) {
+        let rendered_for = started.clone();
+        if self.still_running(job, &mut started).await? {
+            return Ok(Finished::AlreadyHandled);
+        }
+        for ((idx, seed), mut img) in rendered_for.iter().copied().zip(seeds).zip(rendered.images) {
+            if !started.contains(&idx) {
+                continue; // another worker wrote this row meanwhile
+            }
             post::restore_enclosed(&mut img);
             let upload = Instant::now();
             let image_key = blobs::keys::emoji(&job.job_id, idx, job.fence);
@@ -846,7 +901,7 @@ impl Worker {
             });
         }
         let rendered = self
-            .render(req, &job.job_id, &[None], "pose", claim, shutdown)
+            .render(req, job, &[None], "pose", claim, shutdown)
             .await?;
         let img = rendered
             .images
@@ -864,12 +919,13 @@ impl Worker {
     async fn render(
         &self,
         req: GenerateRequest,
-        job_id: &str,
+        job: &ValidJob,
         slots: &[Option<u32>],
         what: &str,
         claim: &Claim<'_>,
         shutdown: &Shutdown,
     ) -> Result<Rendered, Stop> {
+        let job_id = job.job_id.as_str();
         let (control, mut progress) = RunControl::new();
         let cancel = control.cancel.clone();
         let fut = self.engine.generate(req, control);
@@ -900,7 +956,14 @@ impl Worker {
                     }
                 }
                 why = claim.lease.lost(), if stop.is_none() && !orphaned => {
-                    if self.taken_over(claim).await {
+                    // A worker that was paused (SIGSTOP, a long GC-like stall) past its lease
+                    // may find the job finished by another: the database says so even when
+                    // Redis no longer does, and then nothing is written twice.
+                    if self.is_stale(job).await {
+                        tracing::warn!(%why, "lease lost and the rows moved on; stopping without writing");
+                        stop = Some(Stop::LeaseLost(why));
+                        cancel.store(true, Ordering::Relaxed);
+                    } else if self.taken_over(claim).await {
                         stop = Some(Stop::LeaseLost(why));
                         cancel.store(true, Ordering::Relaxed);
                     } else {
