@@ -16,10 +16,14 @@
 //!    `charge:{job_id}:{action}:{idx}:{fence}`. The flip is one conditional `UPDATE`, so even
 //!    without the claim two clicks could not both flip; the charge cannot exist without the
 //!    flip, or the flip without the charge.
-//! 4. **Dispatch** to the interactive stream with the new fence.
+//!    The same transaction writes the outbox entry of the message (the intent to dispatch).
+//! 4. **Dispatch** to the interactive stream with the new fence, then mark the outbox entry
+//!    published. If this process dies before that, a worker's relay publishes the entry
+//!    ([`crate::worker::reconcile`]); a second publish is harmless (fence, run-once key).
 //!
 //! Any failure after step 3 is rolled back before the error is returned (the seed's
-//! compensating rollback, completed): the row goes back to the status it had — only if it is
+//! compensating rollback, completed): the outbox entry is withdrawn (if the relay had
+//! published it already, the action stands), the row goes back to the status it had — only if it is
 //! still exactly as the flip left it; a worker that already started it proves the entry was
 //! added after all, and then the action stands — the charge is refunded (once: the refund has
 //! its own idempotency key), and the claim is released, so the next click works at once.

@@ -762,7 +762,9 @@ async fn a_live_long_job_is_never_reclaimed_by_another_worker() {
         .unwrap();
     let mut a_cfg = h.config("wa");
     a_cfg.queue.lease = Duration::from_millis(800);
-    a_cfg.engine.steps = Some(60);
+    // Long enough to outlive several leases on an idle fast machine too (about 12 ms a step
+    // on the tiny model there; 60 steps once finished inside one lease).
+    a_cfg.engine.steps = Some(400);
     let started = Instant::now();
     let a = h.spawn(a_cfg).await;
     let mut b_cfg = h.config("wb");

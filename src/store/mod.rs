@@ -258,7 +258,7 @@ pub enum RefundOutcome {
 }
 
 /// The intent to dispatch one queue message, written in the transaction of the charge and
-/// pre-flip it belongs to (the transactional outbox, DESIGN.md "Outbox and reconciler").
+/// pre-flip it belongs to (the transactional outbox: README, "Reliability").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct OutboxEntry {
     /// `{job_id}:{action}:{idx or -}:{fence}`.
