@@ -601,3 +601,114 @@ fn redis_paused_mid_dispatch_charge_matches_the_work() {
     });
     env.stop_worker();
 }
+
+/// A worker paused (SIGSTOP) past its lease while another worker takes the job over and
+/// finishes it: once resumed it finds the rows moved on and stops before writing anything —
+/// no second upload of the images, no second result write.
+#[test]
+fn a_worker_paused_past_its_lease_stops_without_writing() {
+    let mut env = Env::new();
+    let api = env.api(None);
+    let (status, body) = env
+        .post(
+            &api,
+            "/api/generate-set",
+            Some(json!({"subject": "a red fox", "expressions": ["happy"], "seed": 7})),
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let job = body["id"].as_str().unwrap().to_string();
+
+    // Worker A, its own process, slow enough to be caught mid-render.
+    let log = env.dir.path().join("worker-a.log");
+    let a = std::process::Command::new(env!("CARGO_BIN_EXE_popcon-worker"))
+        .env("REDIS_URL", env.redis.url())
+        .env("DATABASE_URL", db_url(env.dir.path()))
+        .env("POPCON_RESULTS", env.dir.path().join("results"))
+        .env("POPCON_URL_SECRET", SECRET)
+        .env("RUST_LOG", "popcon_worker=info")
+        .args([
+            "run",
+            "--model",
+            "tiny",
+            "--steps",
+            "1000",
+            "--lease",
+            "1s",
+            "--consumer",
+            "wa",
+        ])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Killed on drop, also when an assertion fails.
+    let a = ApiProc {
+        child: a,
+        base: String::new(),
+    };
+    env.wait_job(&job, "worker A to start the set", |r| {
+        r.emoji[0].status == EmojiStatus::Running
+    });
+    let pid = a.child.id().to_string();
+    signal(&pid, "STOP");
+
+    // Worker B reclaims the idle entry once A's lease ran out, and finishes the set.
+    env.start_worker();
+    let done = env.wait_job(&job, "worker B to finish", settled);
+    assert_eq!(done.emoji[0].status, EmojiStatus::Done, "{done:#?}");
+    let files = result_files(env.dir.path());
+    assert!(!files.is_empty(), "B wrote its images");
+
+    signal(&pid, "CONT");
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("stopping without writing") || text.contains("rows moved on") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker A never noticed that the job moved on:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Give A the time it would need to upload, then compare.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        result_files(env.dir.path()),
+        files,
+        "A rewrote result files"
+    );
+    assert_eq!(env.job(&job).emoji, done.emoji, "A changed the rows");
+    drop(a);
+    env.stop_worker();
+}
+
+fn signal(pid: &str, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+/// Every file under the results folder with its length and modification time.
+fn result_files(dir: &Path) -> Vec<(std::path::PathBuf, u64, std::time::SystemTime)> {
+    fn walk(p: &Path, out: &mut Vec<(std::path::PathBuf, u64, std::time::SystemTime)>) {
+        let Ok(rd) = std::fs::read_dir(p) else { return };
+        for e in rd.flatten() {
+            let path = e.path();
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                walk(&path, out);
+            } else {
+                out.push((path, m.len(), m.modified().unwrap()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&dir.join("results"), &mut out);
+    out.sort();
+    out
+}

@@ -908,6 +908,12 @@ impl Worker {
             .into_iter()
             .next()
             .ok_or_else(|| WorkerError::Config("the engine returned no pose image".into()))?;
+        if self.is_stale(job).await {
+            // Paused past the lease while another worker finished the set: write nothing.
+            return Err(Stop::LeaseLost(
+                "the rows moved on during the pose; stopping without writing".into(),
+            ));
+        }
         let key = blobs::keys::pose(&job.job_id, job.fence);
         self.blobs.put(&key, post::encode_png(&img)?).await?;
         self.store.set_pose_key(&job.job_id, &key).await?;
