@@ -42,5 +42,6 @@ pub mod job;
 pub mod kernels;
 pub mod pipeline;
 pub mod queue;
+pub mod redact;
 pub mod store;
 pub mod worker;

@@ -114,6 +114,26 @@ pub struct ApiArgs {
     /// How long signed image URLs stay valid.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     signed_url_ttl: Duration,
+    /// Longest wait for a request's header, and for the next request on a kept-alive
+    /// connection; then the connection is closed.
+    #[arg(long, env = "POPCON_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_timeout)]
+    http_header_timeout: Duration,
+    /// Longest wait for a request's body after its header; then 408 and the connection closes.
+    #[arg(long, env = "POPCON_HTTP_BODY_TIMEOUT", default_value = "30s", value_parser = parse_timeout)]
+    http_body_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog until one closes.
+    #[arg(long, env = "POPCON_HTTP_MAX_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    http_max_connections: u32,
+}
+
+/// A read timeout: a duration of at least 1 ms (0 would close every connection at once).
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(1) {
+        return Err(format!("`{s}`: a timeout must be at least 1ms"));
+    }
+    Ok(d)
 }
 
 #[derive(Subcommand, Debug)]
@@ -518,10 +538,16 @@ pub fn api(a: ApiArgs) -> Result<(), Failure> {
             trigger.trigger();
         });
         let app = popcon_worker::http::with_fallbacks(popcon_worker::http::api::routes(state));
-        let (addr, task) = popcon_worker::http::serve_router(listen, app, shutdown)
-            .await
-            .context("starting the API")
-            .map_err(Failure::Runtime)?;
+        let limits = popcon_worker::http::HttpLimits {
+            header_read: a.http_header_timeout,
+            body_read: a.http_body_timeout,
+            max_connections: a.http_max_connections as usize,
+        };
+        let (addr, task) =
+            popcon_worker::http::serve::serve_with_limits(listen, app, shutdown, limits)
+                .await
+                .context("starting the API")
+                .map_err(Failure::Runtime)?;
         tracing::info!(%addr, "API ready");
         task.await
             .context("API server task")

@@ -49,6 +49,8 @@ struct Options {
     break_uploads: bool,
     /// Keep the images in an S3 bucket (a real moto server) instead of a folder.
     s3: bool,
+    /// Read timeouts and connection limit of the server (default: the daemon's defaults).
+    http_limits: Option<popcon_worker::http::HttpLimits>,
 }
 
 /// An S3 bucket on `moto` for the blobs.
@@ -129,10 +131,11 @@ impl Api {
         let app = popcon_worker::http::with_fallbacks(popcon_worker::http::api::routes(state));
         let (stop, shutdown) = shutdown_channel();
         let (addr, _task) = rt
-            .block_on(popcon_worker::http::serve_router(
+            .block_on(popcon_worker::http::serve::serve_with_limits(
                 "127.0.0.1:0".parse().unwrap(),
                 app,
                 shutdown,
+                opts.http_limits.unwrap_or_default(),
             ))
             .unwrap();
         if opts.break_uploads {
@@ -1446,4 +1449,252 @@ fn the_zip_of_a_64_emoji_set_streams_with_bounded_memory() {
         f.read_to_end(&mut data).unwrap();
         assert!(data == *want, "entry {idx} differs");
     }
+}
+
+// ---- input rules -----------------------------------------------------------------------------
+
+#[test]
+fn a_spec_must_be_a_json_object_and_json_needs_a_json_content_type() {
+    let api = Api::start();
+    let token = api.user("ida", 50, false);
+    let url = api.url("/api/generate-set");
+    // `["subject"]` used to be read as `{"subject": "subject"}` (serde reads a struct from a
+    // sequence of its fields) and queued a set.
+    for body in [json!(["subject"]), json!("x"), json!(3), json!(null)] {
+        let (status, b) = post_json(&url, Some(&token), &body);
+        assert_eq!(status, 400, "{body}: {b}");
+        assert!(
+            b["error"]
+                .as_str()
+                .unwrap()
+                .contains("must be a JSON object"),
+            "{body}: {b}"
+        );
+    }
+    let (status, b) = post_multipart(&url, &token, &[("spec", "application/json", b"[\"fox\"]")]);
+    assert_eq!(status, 400, "{b}");
+    assert!(
+        b["error"]
+            .as_str()
+            .unwrap()
+            .contains("must be a JSON object"),
+        "{b}"
+    );
+
+    let send = |ct: &str, body: &str| {
+        read_json(finish_response(
+            authed(agent().post(&url), Some(&token))
+                .set("Content-Type", ct)
+                .send_string(body),
+        ))
+    };
+    for ct in [
+        "text/plain",
+        "application/jsonp",
+        "application/x-www-form-urlencoded",
+        "json",
+    ] {
+        let (status, b) = send(ct, r#"{"subject": "fox"}"#);
+        assert_eq!(status, 415, "{ct}: {b}");
+        assert!(
+            b["error"].as_str().unwrap().contains("application/json"),
+            "{ct}: {b}"
+        );
+    }
+    assert_eq!(api.balance("ida"), 50, "nothing charged");
+    assert_eq!(api.stream_len("bulk"), 0, "nothing queued");
+    for ct in [
+        "application/json; charset=utf-8",
+        "Application/JSON",
+        "application/vnd.popcon+json",
+    ] {
+        let (status, b) = send(ct, r#"{"subject": "fox", "expressions": ["happy"]}"#);
+        assert_eq!(status, 200, "{ct}: {b}");
+    }
+
+    // The admin routes read JSON through axum's extractor: the same 415.
+    let admin = api.user("root", 0, true);
+    let r = finish_response(
+        authed(agent().post(&api.url("/api/admin/credits")), Some(&admin))
+            .set("Content-Type", "text/plain")
+            .send_string(r#"{"user": "ida", "amount": 1}"#),
+    );
+    let (status, b) = read_json(r);
+    assert_eq!(status, 415, "{b}");
+    assert_eq!(b["code"], "unsupported_media_type");
+}
+
+#[test]
+fn a_grant_out_of_range_or_overflowing_the_balance_is_400_not_500() {
+    let api = Api::start();
+    let admin = api.user("root", 0, true);
+    api.user("jo", 5, false);
+    let url = api.url("/api/admin/credits");
+    for amount in [0, -1, i64::MAX, popcon_worker::http::api::MAX_GRANT + 1] {
+        let (status, b) = post_json(&url, Some(&admin), &json!({"user": "jo", "amount": amount}));
+        assert_eq!(status, 400, "{amount}: {b}");
+        assert!(
+            b["error"].as_str().unwrap().contains("`amount` must be"),
+            "{b}"
+        );
+    }
+    // A balance near the top (put there through the store: no grant route allows it), then
+    // a grant in range that would overflow it: the store refuses it, as the caller's error.
+    api.rt
+        .block_on(api.store.grant("jo", i64::MAX - 10, "test", "near-max"))
+        .unwrap();
+    let before = api.balance("jo");
+    let (status, b) = post_json(&url, Some(&admin), &json!({"user": "jo", "amount": 100}));
+    assert_eq!(status, 400, "{b}");
+    assert_eq!(b["code"], "bad_request");
+    assert!(b["error"].as_str().unwrap().contains("overflow"), "{b}");
+    assert_eq!(api.balance("jo"), before, "nothing written");
+}
+
+// ---- HTTP read timeouts and the connection limit ---------------------------------------------
+
+fn limited(header_read: Duration, body_read: Duration, max_connections: usize) -> Api {
+    Api::start_with(Options {
+        http_limits: Some(popcon_worker::http::HttpLimits {
+            header_read,
+            body_read,
+            max_connections,
+        }),
+        ..Options::default()
+    })
+}
+
+fn raw(api: &Api, first_bytes: &[u8]) -> std::net::TcpStream {
+    use std::io::Write;
+    let addr = api.base.trim_start_matches("http://").to_string();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(first_bytes).unwrap();
+    s
+}
+
+/// Reads until the server closes; `None` if it has not closed within `wait`.
+fn read_until_closed(s: &mut std::net::TcpStream, wait: Duration) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + wait;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return Some(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            // A reset is the server closing too.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(got),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return None;
+            }
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
+
+fn healthz_ok(api: &Api) {
+    let r = get_raw(&api.url("/healthz"));
+    assert_eq!(r.status(), 200);
+}
+
+#[test]
+fn stalled_headers_bodies_and_idle_connections_are_closed_after_the_read_timeouts() {
+    let timeout = Duration::from_secs(1);
+    let api = limited(timeout, timeout, 1024);
+    let token = api.user("kim", 50, false);
+    const N: usize = 50;
+    let half_header = b"GET /healthz HTTP/1.1\r\nHost: x\r\nUser-Ag".to_vec();
+    let half_body = format!(
+        "POST /api/generate-set HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"subj"
+    );
+    let mut headers: Vec<_> = (0..N).map(|_| raw(&api, &half_header)).collect();
+    let mut bodies: Vec<_> = (0..N).map(|_| raw(&api, half_body.as_bytes())).collect();
+    let mut idle: Vec<_> = (0..5).map(|_| raw(&api, b"")).collect();
+    // A normal request is served while all of them stall.
+    healthz_ok(&api);
+    // Closed within the timeout plus generous slack for a loaded machine; without the
+    // timeouts they would stay open indefinitely.
+    let wait = timeout + Duration::from_secs(10);
+    for (i, s) in headers.iter_mut().chain(idle.iter_mut()).enumerate() {
+        let got = read_until_closed(s, wait)
+            .unwrap_or_else(|| panic!("header/idle connection {i} still open after {wait:?}"));
+        // hyper may answer 408 or just close; it must never have served the half request.
+        assert!(!String::from_utf8_lossy(&got).contains("200 OK"), "{i}");
+    }
+    for (i, s) in bodies.iter_mut().enumerate() {
+        let got = read_until_closed(s, wait)
+            .unwrap_or_else(|| panic!("body connection {i} still open after {wait:?}"));
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 408"), "{i}: {text}");
+        assert!(text.contains("request_timeout"), "{i}: {text}");
+    }
+    healthz_ok(&api);
+    assert_eq!(api.balance("kim"), 50, "nothing charged");
+    assert_eq!(api.stream_len("bulk"), 0, "nothing queued");
+}
+
+#[test]
+fn beyond_the_connection_limit_new_connections_wait_until_one_closes() {
+    use std::io::Write;
+    let api = limited(Duration::from_secs(60), Duration::from_secs(60), 2);
+    // Two stalled connections hold both permits (their header timeout is a minute away).
+    let holder = raw(&api, b"GET /healthz HTTP/1.1\r\nHost: x\r\n");
+    let _holder2 = raw(&api, b"GET /healthz HTTP/1.1\r\nHost: x\r\n");
+    // A third connects (the kernel's backlog takes it) and sends a whole request...
+    let mut third = raw(&api, b"");
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    // ...which is not served while both permits are held,
+    assert!(
+        read_until_closed(&mut third, Duration::from_secs(1)).is_none(),
+        "served beyond the limit"
+    );
+    // and is served once a holder goes away.
+    drop(holder);
+    let got = read_until_closed(&mut third, Duration::from_secs(20))
+        .expect("served once a connection closed");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("ok\n"), "{text}");
+}
+
+#[test]
+fn a_tiny_16_bit_png_of_24_megapixels_is_refused_before_it_is_decoded() {
+    let api = Api::start();
+    let token = api.user("lou", 50, false);
+    // 4896² 16-bit RGB, all zero: a small file whose decode would take ~144 MB.
+    let img = image::ImageBuffer::<image::Rgb<u16>, Vec<u16>>::new(4896, 4896);
+    let mut bomb = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bomb),
+        image::ImageFormat::Png,
+    )
+    .unwrap();
+    drop(img);
+    assert!(bomb.len() < 1024 * 1024, "{} bytes", bomb.len());
+    let (status, body) = post_multipart(
+        &api.url("/api/generate-set"),
+        &token,
+        &[
+            ("spec", "application/json", br#"{"subject": "fox"}"#),
+            ("image", "image/png", &bomb),
+        ],
+    );
+    assert_eq!(status, 400, "{body}");
+    let msg = body["error"].as_str().unwrap();
+    assert!(
+        msg.contains("4896x4896") && msg.contains("bytes to decode"),
+        "{body}"
+    );
+    assert_eq!(api.balance("lou"), 50, "nothing charged");
+    assert_eq!(api.stream_len("bulk"), 0, "nothing queued");
 }

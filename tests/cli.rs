@@ -231,3 +231,23 @@ fn models_list_shows_presets_and_what_is_present() {
     assert!(line("sdxl-turbo").contains("sdxl"));
     assert!(line("sd15").contains("missing"));
 }
+
+#[test]
+fn a_bad_database_url_is_reported_without_its_password() {
+    // Passwords with a raw `@`: a split at `@` would print `ss@…`; the messages come from our
+    // checks and from sqlx's URL parser, and neither may carry the secret.
+    for url in [
+        "postgres://u:p@ss@127.0.0.1:1/db?sslmode=bogus",
+        "postgres://u:p@ss@127.0.0.1:abc/db",
+        "postgres://u:p@ss@[::1/db",
+    ] {
+        let out = run(&["users", "add", "x", "--database-url", url]);
+        assert!(!out.status.success(), "{url}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("bad database URL"), "{url}: {err}");
+        assert!(
+            !err.contains("p@ss") && !err.contains("ss@"),
+            "{url}: {err}"
+        );
+    }
+}

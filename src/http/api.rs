@@ -271,6 +271,11 @@ impl From<EnqueueError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        // The store refused an argument before touching the database (e.g. a grant that
+        // would overflow the balance): the caller's request, not a fault of ours.
+        if let StoreError::Invalid(why) = &e {
+            return ApiError::BadRequest(why.to_string());
+        }
         if e.is_retryable() {
             ApiError::Unavailable(format!("the job database is unavailable: {e}"))
         } else {
@@ -534,8 +539,56 @@ struct Spec {
     seed: Option<u64>,
 }
 
+/// Parses the spec, which must be a JSON object: serde's derived `Deserialize` for a struct
+/// also accepts a sequence of its fields in order, so `["subject"]` would otherwise be read as
+/// `{"subject": "subject"}` and queue a job nobody meant.
 fn parse_spec(bytes: &[u8]) -> Result<Spec, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("spec: {e}")))
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("spec: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::BadRequest(format!(
+            "spec: must be a JSON object like {{\"subject\": \"...\"}}, got {}",
+            json_kind(&value)
+        )));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::BadRequest(format!("spec: {e}")))
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Whether a `Content-Type` names JSON: `application/json` or `application/<x>+json`, with
+/// any parameters (`; charset=utf-8`). A prefix test would take `application/jsonp`.
+pub(crate) fn is_json_content_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match essence.strip_prefix("application/") {
+        Some("json") => true,
+        Some(sub) => sub.len() > "+json".len() && sub.ends_with("+json") && !sub.contains('/'),
+        None => false,
+    }
+}
+
+/// The essence of a `Content-Type` (`type/subtype`, lower case, no parameters).
+fn media_type(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
 }
 
 fn body_error(e: impl std::fmt::Display, status: StatusCode, limit: usize) -> ApiError {
@@ -558,12 +611,12 @@ async fn generate_set(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_ascii_lowercase();
-    let (spec, image) = if content_type.starts_with("application/json") {
+    let (spec, image) = if is_json_content_type(&content_type) {
         let body = Bytes::from_request(req, &st)
             .await
             .map_err(|e| body_error(e.body_text(), e.status(), limit))?;
         (parse_spec(&body)?, None)
-    } else if content_type.starts_with("multipart/form-data") {
+    } else if media_type(&content_type) == "multipart/form-data" {
         let mut mp = Multipart::from_request(req, &st)
             .await
             .map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -598,7 +651,8 @@ async fn generate_set(
         (spec, image)
     } else {
         return Err(ApiError::UnsupportedMediaType(format!(
-            "Content-Type must be application/json or multipart/form-data, got `{content_type}`"
+            "Content-Type must be application/json (or application/<x>+json) or \
+             multipart/form-data, got `{content_type}`"
         )));
     };
     let req = GenerateSet {
@@ -852,6 +906,10 @@ async fn off_hours_get(
     }))
 }
 
+/// The largest single grant: far above any real top-up, far below where sums of a few
+/// grants could overflow an `i64` balance (which the store refuses too, as a 400).
+pub const MAX_GRANT: i64 = 1_000_000_000_000;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GrantBody {
@@ -870,8 +928,11 @@ async fn grant_credits(
     body: Result<axum::Json<GrantBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<axum::Json<Value>, ApiError> {
     let axum::Json(body) = body?;
-    if body.amount <= 0 {
-        return Err(ApiError::BadRequest("`amount` must be at least 1".into()));
+    if body.amount <= 0 || body.amount > MAX_GRANT {
+        return Err(ApiError::BadRequest(format!(
+            "`amount` must be 1-{MAX_GRANT}, got {}",
+            body.amount
+        )));
     }
     let key = format!(
         "grant:{}",

@@ -11,7 +11,8 @@
 //!   [`ApiError::code`] are the single place that maps errors to status codes, and every error
 //!   answers with a JSON body `{"error": "...", "code": "..."}`.
 //! - [`serve`] / [`serve_router`] bind, serve until the daemon's [`Shutdown`] fires, then stop
-//!   gracefully (axum's `with_graceful_shutdown`: no new connections, requests in flight end).
+//!   gracefully (no new connections, requests in flight end), under [`HttpLimits`]: read
+//!   timeouts and a connection limit ([`serve`](mod@serve) module).
 //!
 //! The probes answer with `connection: close`: a probe or a scraper opens one connection per
 //! request anyway, and a plain `GET` read to EOF (what load balancers and tests do) then ends.
@@ -31,6 +32,9 @@ use crate::worker::{Shutdown, Worker};
 
 pub mod api;
 pub mod download;
+pub mod serve;
+
+pub use serve::HttpLimits;
 
 /// What the handlers read. The server starts before the model loads (a long load must not
 /// look like a dead process to a liveness probe), so the worker is filled in later; until
@@ -88,6 +92,9 @@ pub enum ApiError {
     /// The resource is not in a state that allows this (409), e.g. nothing to download yet.
     #[error("{0}")]
     Conflict(String),
+    /// The request body did not arrive in time (408).
+    #[error("{0}")]
+    RequestTimeout(String),
     /// The request body is too large (413).
     #[error("{0}")]
     PayloadTooLarge(String),
@@ -118,6 +125,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -136,6 +144,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
+            ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::TooManyRequests { .. } => "too_many_requests",
@@ -188,6 +197,10 @@ impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         match r.status() {
             StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(r.body_text()),
+            // axum's `Json` reads only `application/json` and `application/<x>+json`.
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType(
+                "Content-Type must be application/json (or application/<x>+json)".into(),
+            ),
             _ => ApiError::BadRequest(r.body_text()),
         }
     }
@@ -298,30 +311,14 @@ pub async fn serve(
     serve_router(addr, router(state), shutdown).await
 }
 
-/// Binds `addr` and serves `app` until `shutdown`; see [`serve`].
+/// Binds `addr` and serves `app` under the default [`HttpLimits`] until `shutdown`; see
+/// [`serve`] and [`serve::serve_with_limits`].
 pub async fn serve_router(
     addr: SocketAddr,
     app: Router,
     shutdown: Shutdown,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), HttpError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| HttpError::Bind { addr, source })?;
-    let local = listener
-        .local_addr()
-        .map_err(|source| HttpError::Bind { addr, source })?;
-    tracing::info!(addr = %local, "HTTP server listening");
-    let task = tokio::spawn(async move {
-        let stopped = async move { shutdown.wait().await };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stopped)
-            .await
-        {
-            tracing::error!(error = %e, "HTTP server failed");
-        }
-        tracing::debug!(addr = %local, "HTTP server stopped");
-    });
-    Ok((local, task))
+    serve::serve_with_limits(addr, app, shutdown, HttpLimits::default()).await
 }
 
 #[cfg(test)]

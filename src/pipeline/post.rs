@@ -21,6 +21,15 @@ pub struct ImageLimits {
     pub max_pixels: u64,
 }
 
+impl ImageLimits {
+    /// The decoder's allocation budget: an 8-bit RGBA image of `max_pixels` (4 bytes a
+    /// pixel) fits; a 16-bit one of that size (6 or 8 bytes a pixel) does not, however small
+    /// the file.
+    pub fn max_alloc(&self) -> u64 {
+        self.max_pixels.saturating_mul(4)
+    }
+}
+
 impl Default for ImageLimits {
     fn default() -> Self {
         Self {
@@ -44,6 +53,15 @@ pub enum ImageError {
         height: u32,
         max_side: u32,
         max_pixels: u64,
+    },
+    #[error(
+        "image is {width}x{height} and would need more than {max_alloc} bytes to decode ({detail})"
+    )]
+    OverBudget {
+        width: u32,
+        height: u32,
+        max_alloc: u64,
+        detail: String,
     },
     #[error("image could not be decoded: {0}")]
     Decode(String),
@@ -84,14 +102,24 @@ pub fn decode_image(bytes: &[u8], limits: ImageLimits) -> Result<RgbImage, Image
             max_pixels: limits.max_pixels,
         });
     }
+    // The decoder's own budget: a 16-bit RGBA image takes 8 bytes a pixel while decoding, so
+    // the header checks above (pixels, sides) do not bound memory; `max_alloc` does, for every
+    // buffer the decoder asks for, and refuses before allocating.
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_image_width = Some(limits.max_side);
     decoder_limits.max_image_height = Some(limits.max_side);
+    decoder_limits.max_alloc = Some(limits.max_alloc());
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
     reader.limits(decoder_limits);
-    let img = reader
-        .decode()
-        .map_err(|e| ImageError::Decode(e.to_string()))?;
+    let img = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(l) => ImageError::OverBudget {
+            width,
+            height,
+            max_alloc: limits.max_alloc(),
+            detail: l.to_string(),
+        },
+        e => ImageError::Decode(e.to_string()),
+    })?;
     Ok(img.to_rgb8())
 }
 
@@ -172,6 +200,42 @@ pub fn encode_png(img: &RgbaImage) -> Result<Vec<u8>, ImageError> {
 mod tests {
     use super::*;
     use image::Rgba;
+
+    /// A `side`² all-zero 16-bit RGB PNG: it deflates to almost nothing.
+    pub(crate) fn zero_png16(side: u32) -> Vec<u8> {
+        let img = image::ImageBuffer::<image::Rgb<u16>, Vec<u16>>::new(side, side);
+        let mut out = Vec::new();
+        img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+            .expect("encode");
+        out
+    }
+
+    #[test]
+    fn a_small_16_bit_png_cannot_make_the_decoder_allocate_hundreds_of_mb() {
+        let png = zero_png16(4896);
+        let limits = ImageLimits::default();
+        // The premise: small file, dimensions inside the header checks.
+        assert!(png.len() < 1024 * 1024, "{} bytes", png.len());
+        assert!(4896u64 * 4896 <= limits.max_pixels);
+        match decode_image(&png, limits) {
+            Err(ImageError::OverBudget {
+                width: 4896,
+                height: 4896,
+                max_alloc,
+                ..
+            }) => assert_eq!(max_alloc, limits.max_alloc()),
+            other => panic!(
+                "expected OverBudget, got {:?}",
+                other.map(|i| i.dimensions())
+            ),
+        }
+        // The same image in 8 bits is within budget and decodes.
+        let small = zero_png16(64);
+        assert_eq!(
+            decode_image(&small, limits).expect("decodes").dimensions(),
+            (64, 64)
+        );
+    }
 
     /// A white 9×9 canvas (keyed: alpha 0) with an opaque 5×5 dark ring around a white hole.
     fn ringed() -> RgbaImage {

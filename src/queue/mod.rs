@@ -219,13 +219,7 @@ impl std::fmt::Debug for Queue {
     }
 }
 
-/// The URL without a password, for logs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_string(),
-    }
-}
+use crate::redact::redact_url as redact;
 
 impl Queue {
     /// Connects, retrying with exponential backoff (100 ms doubling to 5 s, with jitter) for up
@@ -499,7 +493,7 @@ mod tests {
             ..QueueConfig::default()
         };
         assert!(bad.validate().is_err());
-        assert_eq!(redact("redis://:pw@h:1/0"), "redis://***@h:1/0");
+        assert_eq!(redact("redis://:pw@h:1/0"), "redis://:***@h:1/0");
         assert_eq!(redact("redis://h:1"), "redis://h:1");
         assert!(check_id("job id", "j-1_A").is_ok());
         assert!(check_id("job id", "a:b").is_err());

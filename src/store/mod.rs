@@ -1025,19 +1025,7 @@ fn positive(amount: i64) -> StoreResult<i64> {
     Ok(amount)
 }
 
-/// The URL with any password replaced, for error messages and logs.
-fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((userinfo, host)) = rest.split_once('@') else {
-        return url.to_owned();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
-    }
-}
+use crate::redact::redact_url as redact;
 
 /// Migrations compiled into the binary (`include_str!`, so editing a file rebuilds the
 /// crate), checked by sqlx's migrator: an applied migration whose text changed is refused.
