@@ -210,6 +210,19 @@ impl Env {
         ))
     }
 
+    /// A generate-set that must succeed; its job id.
+    fn new_set(&self, api: &ApiProc, expressions: &Value) -> String {
+        let (status, body) = self
+            .post(
+                api,
+                "/api/generate-set",
+                Some(json!({"subject": "a red fox", "expressions": expressions, "seed": 7})),
+            )
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        body["id"].as_str().unwrap().to_string()
+    }
+
     /// Sends one click to an api armed with `failpoint` and checks that it died by SIGKILL
     /// without answering.
     fn click_and_die(&self, failpoint: &str, path: &str, body: Option<Value>) {
@@ -468,15 +481,7 @@ fn killed_before_commit_nothing_is_charged_or_changed() {
 
     env.start_worker();
     let api = env.api(None);
-    let (status, body) = env
-        .post(
-            &api,
-            "/api/generate-set",
-            Some(json!({"subject": "a red fox", "expressions": ["happy", "sad"], "seed": 7})),
-        )
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
-    let job = body["id"].as_str().unwrap().to_string();
+    let job = env.new_set(&api, &json!(["happy", "sad"]));
     env.wait_job(&job, "the set", settled);
     env.fail_row(&job, 1);
     let calls = env.engine_calls();
@@ -512,15 +517,7 @@ fn killed_before_commit_nothing_is_charged_or_changed() {
 fn redis_restarted_empty_queued_jobs_are_reenqueued_from_the_database() {
     let mut env = Env::new();
     let api = env.api(None);
-    let (status, body) = env
-        .post(
-            &api,
-            "/api/generate-set",
-            Some(json!({"subject": "a red fox", "expressions": ["happy"], "seed": 7})),
-        )
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
-    let job = body["id"].as_str().unwrap().to_string();
+    let job = env.new_set(&api, &json!(["happy"]));
     // No worker yet: the entry sits in the stream. Then Redis loses everything.
     env.redis.stop();
     env.redis.restart();
@@ -551,15 +548,7 @@ fn redis_paused_mid_dispatch_charge_matches_the_work() {
     let mut env = Env::new();
     env.start_worker();
     let api = env.api(None);
-    let (status, body) = env
-        .post(
-            &api,
-            "/api/generate-set",
-            Some(json!({"subject": "a red fox", "expressions": ["happy"], "seed": 7})),
-        )
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
-    let job = body["id"].as_str().unwrap().to_string();
+    let job = env.new_set(&api, &json!(["happy"]));
     env.wait_job(&job, "the set", settled);
     let calls = env.engine_calls();
 
@@ -609,15 +598,7 @@ fn redis_paused_mid_dispatch_charge_matches_the_work() {
 fn a_worker_paused_past_its_lease_stops_without_writing() {
     let mut env = Env::new();
     let api = env.api(None);
-    let (status, body) = env
-        .post(
-            &api,
-            "/api/generate-set",
-            Some(json!({"subject": "a red fox", "expressions": ["happy"], "seed": 7})),
-        )
-        .unwrap();
-    assert_eq!(status, 200, "{body}");
-    let job = body["id"].as_str().unwrap().to_string();
+    let job = env.new_set(&api, &json!(["happy"]));
 
     // Worker A, its own process, slow enough to be caught mid-render.
     let log = env.dir.path().join("worker-a.log");

@@ -518,12 +518,7 @@ impl Store {
     pub async fn create_job(&self, job: &NewJob) -> StoreResult<JobRecord> {
         non_empty("job id", &job.id)?;
         non_empty("user id", &job.user_id)?;
-        if job.labels.is_empty() || job.labels.len() > MAX_EMOJI as usize {
-            return Err(StoreError::invalid(format!(
-                "a job needs 1 to {MAX_EMOJI} emoji labels, got {}",
-                job.labels.len()
-            )));
-        }
+        check_labels(job)?;
         Ok(with_retry!(self, |b| b.create_job(job, None))?.0)
     }
 
@@ -538,12 +533,7 @@ impl Store {
         non_empty("job id", &job.id)?;
         non_empty("user id", &job.user_id)?;
         positive(charge.amount)?;
-        if job.labels.is_empty() || job.labels.len() > MAX_EMOJI as usize {
-            return Err(StoreError::invalid(format!(
-                "a job needs 1 to {MAX_EMOJI} emoji labels, got {}",
-                job.labels.len()
-            )));
-        }
+        check_labels(job)?;
         let (rec, charged) = with_retry!(self, |b| b.create_job(job, Some(&charge)))?;
         let charged = charged.ok_or_else(|| StoreError::Corrupt("charge not recorded".into()))?;
         Ok((rec, charged))
@@ -781,12 +771,7 @@ impl Store {
         if let Some(c) = &charge {
             positive(c.amount)?;
         }
-        if job.labels.is_empty() || job.labels.len() > MAX_EMOJI as usize {
-            return Err(StoreError::invalid(format!(
-                "a job needs 1 to {MAX_EMOJI} emoji labels, got {}",
-                job.labels.len()
-            )));
-        }
+        check_labels(job)?;
         let (rec, charged, entry) = with_retry!(self, |b| b.create_job_keyed(
             job,
             charge.as_ref(),
@@ -1007,6 +992,17 @@ fn seed_to_db(seed: u64) -> i64 {
 
 fn seed_from_db(v: i64) -> u64 {
     v as u64
+}
+
+/// A job needs 1 to [`MAX_EMOJI`] labels: a job without emoji could never settle.
+fn check_labels(job: &NewJob) -> StoreResult<()> {
+    if job.labels.is_empty() || job.labels.len() > MAX_EMOJI as usize {
+        return Err(StoreError::invalid(format!(
+            "a job needs 1 to {MAX_EMOJI} emoji labels, got {}",
+            job.labels.len()
+        )));
+    }
+    Ok(())
 }
 
 fn non_empty(what: &'static str, s: &str) -> StoreResult<()> {
