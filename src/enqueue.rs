@@ -903,15 +903,20 @@ impl Enqueuer {
         let queue = self.queue.clone();
         let job_id = job_id.to_string();
         tokio::spawn(async move {
-            let until = tokio::time::Instant::now() + CLAIM_TTL;
-            let mut delay = Duration::from_millis(200);
-            while tokio::time::Instant::now() < until {
-                tokio::time::sleep(delay).await;
-                match queue.release_claim(&job_id, action, idx).await {
-                    Ok(_) => return,
-                    Err(e) => tracing::debug!(error = %e, "claim release still failing"),
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
+            use backon::Retryable;
+            let backoff = backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(5))
+                .without_max_times()
+                .with_total_delay(Some(CLAIM_TTL));
+            let release = || queue.release_claim(&job_id, action, idx);
+            if release
+                .retry(backoff)
+                .notify(|e, _| tracing::debug!(error = %e, "claim release still failing"))
+                .await
+                .is_ok()
+            {
+                return;
             }
             tracing::warn!(job_id, %action, "could not release the claim; it expires by itself");
         });

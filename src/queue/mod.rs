@@ -231,37 +231,45 @@ impl Queue {
             .map_err(|e| QueueError::Config(format!("bad redis URL: {e}")))?;
         let url = redact(&cfg.redis_url);
         let started = Instant::now();
-        let mut attempts = 0u32;
-        let mut delay = Duration::from_millis(100);
+        let attempts = std::sync::atomic::AtomicU32::new(0);
         let probe_cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(cfg.response_timeout));
-        loop {
-            attempts += 1;
-            let probe = async {
-                let mut c = client
-                    .get_multiplexed_async_connection_with_config(&probe_cfg)
-                    .await?;
-                redis::cmd("PING").query_async::<String>(&mut c).await
-            };
-            match probe.await {
-                Ok(_) => break,
+        let probe = || async {
+            attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut c = client
+                .get_multiplexed_async_connection_with_config(&probe_cfg)
+                .await?;
+            redis::cmd("PING").query_async::<String>(&mut c).await
+        };
+        {
+            use backon::Retryable;
+            let backoff = backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(5))
+                .with_jitter()
+                .without_max_times()
+                .with_total_delay(Some(cfg.connect_patience));
+            let probed = probe
+                .retry(backoff)
+                .when(error::redis_retryable)
+                .notify(|e, after| {
+                    tracing::warn!(%url, attempts = attempts.load(std::sync::atomic::Ordering::Relaxed), retry_in = ?after, error = %e, "redis is unreachable; retrying");
+                })
+                .await;
+            match probed {
+                Ok(_) => {}
                 Err(e) if !error::redis_retryable(&e) => return Err(QueueError::Redis(e)),
                 Err(e) => {
                     let waited = started.elapsed();
-                    if waited + delay > cfg.connect_patience {
-                        tracing::error!(%url, attempts, ?waited, error = %e, "redis is unreachable; giving up");
-                        return Err(QueueError::Unavailable {
-                            url,
-                            attempts,
-                            waited,
-                            source: e,
-                        });
-                    }
-                    tracing::warn!(%url, attempts, retry_in = ?delay, error = %e, "redis is unreachable; retrying");
-                    let jitter = rand::random::<f64>() * 0.2 + 0.9;
-                    tokio::time::sleep(delay.mul_f64(jitter)).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    let attempts = attempts.load(std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(%url, attempts, ?waited, error = %e, "redis is unreachable; giving up");
+                    return Err(QueueError::Unavailable {
+                        url,
+                        attempts,
+                        waited,
+                        source: e,
+                    });
                 }
             }
         }
@@ -394,20 +402,13 @@ impl Queue {
     /// retrying up to twice more on a retryable error. Never use it for `XADD`, `SET NX` or a
     /// claim.
     pub async fn query_idem<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
-        let mut delay = Duration::from_millis(50);
-        let mut attempt = 1;
-        loop {
-            match cmd.query_async::<T>(&mut self.connection()).await {
-                Ok(v) => return Ok(v),
-                Err(e) if attempt < 3 && error::redis_retryable(&e) => {
-                    tracing::debug!(error = %e, attempt, "retrying an idempotent redis command");
-                    tokio::time::sleep(delay).await;
-                    delay *= 4;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        use backon::Retryable;
+        let send = || async { cmd.query_async::<T>(&mut self.connection()).await };
+        Ok(send
+            .retry(idem_backoff())
+            .when(error::redis_retryable)
+            .notify(|e, after| tracing::debug!(error = %e, ?after, "retrying an idempotent redis command"))
+            .await?)
     }
 
     /// Runs a non-idempotent command (`XADD`, `SET NX`), retried only when the connection
@@ -442,6 +443,14 @@ impl Queue {
     fn stream(&self, lane: Lane) -> String {
         self.inner.keys.stream(lane)
     }
+}
+
+/// An idempotent command is tried three times in all: 50 ms, then 200 ms apart.
+pub(crate) fn idem_backoff() -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_factor(4.0)
+        .with_max_times(2)
 }
 
 /// The connection manager reconnects in the background after a dropped connection; a few

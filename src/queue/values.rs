@@ -292,17 +292,12 @@ impl Queue {
             .arg(ms(self.config().progress_ttl))
             .ignore();
         // Idempotent (overwrites), so a retry is harmless.
-        let mut attempt = 1;
-        loop {
-            match pipe.query_async::<()>(&mut self.connection()).await {
-                Ok(()) => return Ok(()),
-                Err(e) if attempt < 3 && redis_retryable(&e) => {
-                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        use backon::Retryable;
+        let send = || async { pipe.query_async::<()>(&mut self.connection()).await };
+        Ok(send
+            .retry(super::idem_backoff())
+            .when(redis_retryable)
+            .await?)
     }
 
     pub async fn get_progress(&self, job_id: &str) -> Result<JobProgress> {

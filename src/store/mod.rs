@@ -416,29 +416,30 @@ enum Inner {
 // written once and expanded for each backend, whose methods share names and signatures.
 macro_rules! with_retry {
     ($self:ident, |$b:ident| $call:expr) => {{
-        let mut attempt: u32 = 1;
-        loop {
-            let result = match &$self.inner {
+        use backon::Retryable;
+        let attempts = std::sync::atomic::AtomicU32::new(0);
+        let run = || async {
+            attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match &$self.inner {
                 Inner::Sqlite($b) => $call.await,
                 Inner::Postgres($b) => $call.await,
-            };
-            match result {
-                Err(e) if e.is_contention() && attempt <= $self.busy_retries => {
-                    tokio::time::sleep(backoff(attempt)).await;
-                    attempt += 1;
-                }
-                Err(e) => break Err(e.after_attempts(attempt)),
-                Ok(v) => break Ok(v),
             }
-        }
+        };
+        run.retry(busy_backoff($self.busy_retries))
+            .when(|e: &StoreError| e.is_contention())
+            .await
+            .map_err(|e| e.after_attempts(attempts.load(std::sync::atomic::Ordering::Relaxed)))
     }};
 }
 
-fn backoff(attempt: u32) -> Duration {
-    let base_ms = 10u64.saturating_mul(1 << attempt.min(7)).min(1000);
-    // Jitter keeps a herd of writers that collided once from colliding again in lockstep.
-    let jitter = (rand::random::<f64>() * base_ms as f64 * 0.5) as u64;
-    Duration::from_millis(base_ms / 2 + jitter + 1)
+/// 10 ms doubling to 1 s, jittered: a herd of writers that collided once must not collide again
+/// in lockstep.
+fn busy_backoff(retries: u32) -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(10))
+        .with_max_delay(Duration::from_secs(1))
+        .with_max_times(retries as usize)
+        .with_jitter()
 }
 
 impl Store {
@@ -1106,8 +1107,19 @@ mod tests {
     }
 
     #[test]
-    fn backoff_grows_and_is_capped() {
-        assert!(backoff(1) < Duration::from_millis(40));
-        assert!(backoff(20) <= Duration::from_millis(1001));
+    fn busy_backoff_is_bounded_in_count_and_size() {
+        let delays: Vec<Duration> = backon::BackoffBuilder::build(busy_backoff(6)).collect();
+        assert_eq!(delays.len(), 6, "{delays:?}");
+        // Jitter adds up to one more delay's worth on top of each step.
+        assert!(delays[0] <= Duration::from_millis(20), "{delays:?}");
+        assert!(
+            delays.iter().all(|d| *d <= Duration::from_secs(2)),
+            "{delays:?}"
+        );
+        assert!(
+            backon::BackoffBuilder::build(busy_backoff(0))
+                .next()
+                .is_none()
+        );
     }
 }
