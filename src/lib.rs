@@ -30,6 +30,8 @@
 //! - [`auth`]: API users and their hashed bearer tokens.
 //! - [`http`]: axum — the enqueue API, the archive, image files and the streamed zip download,
 //!   and the probes (`/healthz`, `/readyz`, `/metrics`).
+//! - [`telemetry`]: the Prometheus registries behind both `/metrics` (one per worker or API,
+//!   histograms for durations).
 
 pub mod auth;
 pub mod blobs;
@@ -44,4 +46,5 @@ pub mod pipeline;
 pub mod queue;
 pub mod redact;
 pub mod store;
+pub mod telemetry;
 pub mod worker;

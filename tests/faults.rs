@@ -14,9 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::redis_server::RedisServer;
 use popcon_worker::blobs::BlobsConfig;
-use popcon_worker::config::{EngineConfig, RetryConfig, ShutdownConfig, StoreConfig, WorkerConfig};
+use popcon_worker::config::WorkerConfig;
 use popcon_worker::job::EmojiStatus;
-use popcon_worker::queue::QueueConfig;
 use popcon_worker::store::{JobRecord, Store};
 use popcon_worker::worker::reconcile::ReconcileConfig;
 use popcon_worker::worker::{ShutdownTrigger, Worker, shutdown_channel};
@@ -51,9 +50,7 @@ impl Drop for ApiProc {
     }
 }
 
-fn db_url(dir: &Path) -> String {
-    format!("sqlite://{}", dir.join("popcon.db").display())
-}
+use common::worker_config::db_url;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -95,35 +92,9 @@ impl Env {
 
     fn start_worker(&mut self) {
         let cfg = WorkerConfig {
-            queue: QueueConfig {
-                redis_url: self.redis.url(),
-                consumer: "w1".into(),
-                connect_patience: Duration::from_secs(10),
-                lease: Duration::from_millis(1500),
-                block: Duration::from_millis(200),
-                max_deliveries: 3,
-                ..QueueConfig::default()
-            },
-            store: StoreConfig {
-                url: db_url(self.dir.path()),
-            },
             blobs: BlobsConfig {
                 url_secret: Some(SECRET.into()),
                 ..BlobsConfig::at(self.dir.path().join("results"))
-            },
-            engine: EngineConfig {
-                model: "tiny".into(),
-                models_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/models").into(),
-                ..EngineConfig::default()
-            },
-            http: Default::default(),
-            shutdown: ShutdownConfig {
-                grace: Duration::from_secs(10),
-            },
-            retry: RetryConfig {
-                base: Duration::from_millis(50),
-                max: Duration::from_millis(200),
-                reclaim_every: Duration::from_millis(200),
             },
             reconcile: ReconcileConfig {
                 every: Duration::from_millis(200),
@@ -131,6 +102,7 @@ impl Env {
                 lost_after: Duration::from_secs(2),
                 max_republish: 5,
             },
+            ..common::worker_config::worker_config(&self.redis.url(), self.dir.path(), "w1")
         };
         let worker = Arc::new(self.rt.block_on(Worker::start(cfg)).expect("worker starts"));
         let (trigger, shutdown) = shutdown_channel();

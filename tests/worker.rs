@@ -11,12 +11,11 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use common::redis_server::RedisServer;
-use popcon_worker::blobs::BlobsConfig;
-use popcon_worker::config::{EngineConfig, RetryConfig, ShutdownConfig, StoreConfig, WorkerConfig};
+use popcon_worker::config::WorkerConfig;
 use popcon_worker::enqueue::{self, GenerateSet};
 use popcon_worker::http::HttpState;
 use popcon_worker::job::{Action, EmojiStatus, JobStatus, Lane, ValidJob};
-use popcon_worker::queue::{Queue, QueueConfig};
+use popcon_worker::queue::Queue;
 use popcon_worker::store::{JobRecord, NewJob, PreflipOutcome, Store};
 use popcon_worker::worker::engine_actor::EngineHandle;
 use popcon_worker::worker::{ShutdownTrigger, Worker, shutdown_channel, spawn_engine};
@@ -44,36 +43,7 @@ impl Harness {
 }
 
 fn config_for(redis: &RedisServer, dir: &std::path::Path, consumer: &str) -> WorkerConfig {
-    WorkerConfig {
-        queue: QueueConfig {
-            redis_url: redis.url(),
-            consumer: consumer.to_string(),
-            lease: Duration::from_millis(1500),
-            block: Duration::from_millis(200),
-            max_deliveries: 3,
-            connect_patience: Duration::from_secs(10),
-            ..QueueConfig::default()
-        },
-        store: StoreConfig {
-            url: format!("sqlite://{}", dir.join("popcon.db").display()),
-        },
-        blobs: BlobsConfig::at(dir.join("results")),
-        engine: EngineConfig {
-            model: "tiny".into(),
-            models_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/models").into(),
-            ..EngineConfig::default()
-        },
-        http: Default::default(),
-        shutdown: ShutdownConfig {
-            grace: Duration::from_secs(10),
-        },
-        retry: RetryConfig {
-            base: Duration::from_millis(50),
-            max: Duration::from_millis(200),
-            reclaim_every: Duration::from_millis(200),
-        },
-        reconcile: Default::default(),
-    }
+    common::worker_config::worker_config(&redis.url(), dir, consumer)
 }
 
 impl Harness {
@@ -240,7 +210,7 @@ async fn happy_path_generate_set_end_to_end() {
     assert_eq!(h.engine_calls(), 2);
     drained(&queue).await;
     let worker = w.stop().await;
-    assert_eq!(worker.metrics().succeeded.load(Ordering::Relaxed), 1);
+    assert_eq!(worker.metrics().total("succeeded"), 1);
     let text = worker.render_metrics();
     assert!(text.contains("popcon_jobs_succeeded_total 1"), "{text}");
 }
@@ -315,10 +285,7 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_the_worker_keeps_run
     }
     drained(&queue).await;
     let worker = w.stop().await;
-    assert_eq!(
-        worker.metrics().dead_lettered.load(Ordering::Relaxed),
-        poison.len() as u64
-    );
+    assert_eq!(worker.metrics().total("dead_lettered"), poison.len() as u64);
 }
 
 fn message(job_id: &str, action: Action, idx: Option<u32>, fence: u64) -> ValidJob {
@@ -375,7 +342,7 @@ async fn a_stale_message_after_a_regenerate_preflip_is_superseded_without_gpu() 
     drained(&queue).await;
     let worker = w.stop().await;
     assert_eq!(h.engine_calls(), 0, "no GPU work for stale messages");
-    assert_eq!(worker.metrics().superseded.load(Ordering::Relaxed), 2);
+    assert_eq!(worker.metrics().total("superseded"), 2);
     let rec = store.get_job("job1").await.unwrap().unwrap();
     assert_eq!(rec.emoji[0].status, EmojiStatus::Pending);
     assert_eq!(rec.emoji[0].fence, 2);
@@ -475,7 +442,7 @@ async fn shutdown_mid_job_past_the_grace_releases_it_to_another_worker() {
         "{:?}",
         stopped.elapsed()
     );
-    assert_eq!(a.metrics().released.load(Ordering::Relaxed), 1);
+    assert_eq!(a.metrics().total("released"), 1);
     let rec = store.get_job("long").await.unwrap().unwrap();
     assert!(!settled(&rec), "A wrote nothing: {rec:#?}");
     // B takes it at once (released entries are past the lease) and finishes it.
@@ -484,7 +451,7 @@ async fn shutdown_mid_job_past_the_grace_releases_it_to_another_worker() {
     assert_eq!(rec.status, JobStatus::Done);
     drained(&queue).await;
     let b = b.stop().await;
-    assert_eq!(b.metrics().succeeded.load(Ordering::Relaxed), 1);
+    assert_eq!(b.metrics().total("succeeded"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -512,8 +479,8 @@ async fn a_worker_killed_mid_job_is_reclaimed_after_the_lease_and_finished_once(
     assert_eq!(rec.status, JobStatus::Done);
     drained(&queue).await;
     let b = b.stop().await;
-    assert_eq!(b.metrics().reclaimed.load(Ordering::Relaxed), 1);
-    assert_eq!(b.metrics().succeeded.load(Ordering::Relaxed), 1);
+    assert_eq!(b.metrics().total("reclaimed"), 1);
+    assert_eq!(b.metrics().total("succeeded"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -736,7 +703,7 @@ async fn health_readiness_and_metrics_are_served() {
         "popcon_jobs_superseded_total",
         "popcon_jobs_reclaimed_total",
         "popcon_stage_seconds_sum{stage=\"denoise\"}",
-        "popcon_engine_busy_seconds_total",
+        "popcon_engine_busy_seconds",
         "popcon_queue_depth{lane=\"bulk\",state=\"pending\"}",
     ] {
         assert!(metrics.contains(name), "{name} in {metrics}");
@@ -779,9 +746,9 @@ async fn a_live_long_job_is_never_reclaimed_by_another_worker() {
     );
     drained(&queue).await;
     let (a, b) = (a.stop().await, b.stop().await);
-    assert_eq!(b.metrics().reclaimed.load(Ordering::Relaxed), 0);
-    assert_eq!(b.metrics().claimed.load(Ordering::Relaxed), 0);
-    assert_eq!(a.metrics().succeeded.load(Ordering::Relaxed), 1);
+    assert_eq!(b.metrics().total("reclaimed"), 0);
+    assert_eq!(b.metrics().total("claimed"), 0);
+    assert_eq!(a.metrics().total("succeeded"), 1);
     assert_eq!(rec.emoji[0].attempts, 1);
     assert_eq!(h.engine_calls(), 2);
 }
@@ -908,5 +875,5 @@ async fn redis_killed_and_restarted_mid_job_the_job_still_finishes_once() {
     assert_eq!(rec.status, JobStatus::Done);
     assert_eq!(rec.emoji[0].attempts, 1);
     let worker = w.stop().await;
-    assert_eq!(worker.metrics().succeeded.load(Ordering::Relaxed), 1);
+    assert_eq!(worker.metrics().total("succeeded"), 1);
 }

@@ -308,7 +308,14 @@ impl Worker {
         }
         let mut last_reclaim: Option<Instant> = None;
         let mut last_reconcile: Option<Instant> = None;
-        let mut backoff = Duration::from_millis(100);
+        // A failing claim (Redis down, the group gone) backs off 100 ms doubling to 5 s, jittered
+        // so a fleet of workers does not hammer a recovering Redis in lockstep; any answer resets it.
+        let claim_backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times();
+        let mut backoff = backon::BackoffBuilder::build(claim_backoff);
         let mut claim_interrupted = false;
         while !shutdown.is_triggered() {
             // A free slot first: claiming more than we can start would only age entries.
@@ -326,6 +333,7 @@ impl Worker {
                     Ok(depth) => self.metrics.set_depth(depth),
                     Err(e) => tracing::debug!(error = %e, "queue depth not read"),
                 }
+                self.metrics.upkeep();
                 if inflight.len() >= slots {
                     continue;
                 }
@@ -353,20 +361,20 @@ impl Worker {
             };
             match claimed {
                 Ok(Some(d)) => {
-                    backoff = Duration::from_millis(100);
+                    backoff = backon::BackoffBuilder::build(claim_backoff);
                     self.spawn_job(&mut inflight, d, &shutdown);
                 }
-                Ok(None) => backoff = Duration::from_millis(100),
+                Ok(None) => backoff = backon::BackoffBuilder::build(claim_backoff),
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "claiming failed");
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(error = %e, retry_in = ?delay, "claiming failed");
                     if e.is_no_group() {
                         let _ = self.queue.ensure_groups().await;
                     }
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(delay) => {}
                         _ = shutdown.wait() => break,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }

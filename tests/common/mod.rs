@@ -1,2 +1,3 @@
 pub mod moto_server;
 pub mod redis_server;
+pub mod worker_config;
