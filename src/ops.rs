@@ -532,10 +532,21 @@ pub fn api(a: ApiArgs) -> Result<(), Failure> {
             .context("preparing the API")
             .map_err(Failure::Runtime)?;
         let (trigger, shutdown) = shutdown_channel();
+        state.stop_streams_on(shutdown.clone());
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("shutdown signal received; finishing requests in flight");
             trigger.trigger();
+        });
+        // Latency samples wait in the recorder until a scrape folds them into buckets; an API
+        // nobody scrapes must not keep them all.
+        let upkeep = state.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                upkeep.metrics().upkeep();
+            }
         });
         let app = popcon_worker::http::with_fallbacks(popcon_worker::http::api::routes(state));
         let limits = popcon_worker::http::HttpLimits {

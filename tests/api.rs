@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::moto_server::MotoServer;
 use common::redis_server::RedisServer;
 use popcon_worker::blobs::{self, Blobs, BlobsConfig, S3Config};
-use popcon_worker::config::{EngineConfig, RetryConfig, ShutdownConfig, StoreConfig, WorkerConfig};
+use popcon_worker::config::{StoreConfig, WorkerConfig};
 use popcon_worker::enqueue::{DispatchHook, EnqueueConfig, Enqueuer, Prices};
 use popcon_worker::http::api::{ApiConfig, ApiState};
 use popcon_worker::job::EmojiStatus;
@@ -65,9 +65,7 @@ fn s3_config(moto: &MotoServer) -> S3Config {
     }
 }
 
-fn db_url(dir: &Path) -> String {
-    format!("sqlite://{}", dir.join("popcon.db").display())
-}
+use common::worker_config::db_url;
 
 fn blobs_config(dir: &Path) -> BlobsConfig {
     BlobsConfig {
@@ -77,15 +75,7 @@ fn blobs_config(dir: &Path) -> BlobsConfig {
 }
 
 fn queue_config(redis: &str) -> QueueConfig {
-    QueueConfig {
-        redis_url: redis.to_string(),
-        consumer: "api-test".into(),
-        connect_patience: Duration::from_secs(10),
-        lease: Duration::from_millis(1500),
-        block: Duration::from_millis(200),
-        max_deliveries: 3,
-        ..QueueConfig::default()
-    }
+    common::worker_config::queue_config(redis, "api-test")
 }
 
 impl Api {
@@ -163,29 +153,15 @@ impl Api {
 
     fn start_worker(&mut self) {
         let cfg = WorkerConfig {
-            queue: QueueConfig {
-                consumer: "w1".into(),
-                ..queue_config(&self.redis.lock().unwrap().url())
-            },
             store: StoreConfig {
                 url: db_url(self.dir.path()),
             },
             blobs: self.blobs_cfg.clone(),
-            engine: EngineConfig {
-                model: "tiny".into(),
-                models_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/models").into(),
-                ..EngineConfig::default()
-            },
-            http: Default::default(),
-            shutdown: ShutdownConfig {
-                grace: Duration::from_secs(10),
-            },
-            retry: RetryConfig {
-                base: Duration::from_millis(50),
-                max: Duration::from_millis(200),
-                reclaim_every: Duration::from_millis(200),
-            },
-            reconcile: Default::default(),
+            ..common::worker_config::worker_config(
+                &self.redis.lock().unwrap().url(),
+                self.dir.path(),
+                "w1",
+            )
         };
         let worker = Arc::new(self.rt.block_on(Worker::start(cfg)).expect("worker starts"));
         let (trigger, shutdown) = shutdown_channel();
@@ -1697,4 +1673,150 @@ fn a_tiny_16_bit_png_of_24_megapixels_is_refused_before_it_is_decoded() {
     );
     assert_eq!(api.balance("lou"), 50, "nothing charged");
     assert_eq!(api.stream_len("bulk"), 0, "nothing queued");
+}
+
+// ---- live events (server-sent events) --------------------------------------------------------
+
+/// One server-sent event: its `event:` name and its `data:` as JSON.
+fn next_event(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+) -> Option<(String, Value)> {
+    let (mut name, mut data) = (String::new(), String::new());
+    for line in lines {
+        let line = line.ok()?;
+        if line.is_empty() {
+            if !data.is_empty() {
+                return Some((
+                    name,
+                    serde_json::from_str(&data).expect("event data is JSON"),
+                ));
+            }
+            continue;
+        }
+        if let Some(v) = line.strip_prefix("event:") {
+            name = v.trim().to_string();
+        } else if let Some(v) = line.strip_prefix("data:") {
+            data.push_str(v.trim_start());
+        }
+    }
+    None
+}
+
+fn events(api: &Api, token: &str, job: &str) -> ureq::Response {
+    finish_response(
+        authed(
+            agent().get(&api.url(&format!("/api/job/{job}/events"))),
+            Some(token),
+        )
+        .call(),
+    )
+}
+
+#[test]
+fn job_events_stream_the_current_state_then_progress_then_a_terminal_event() {
+    use std::io::BufRead;
+    let mut api = Api::start();
+    let alice = api.user("alice", 10, false);
+    let bob = api.user("bob", 10, false);
+    let job = api.set(&alice, &["happy", "sad"]);
+
+    // Same auth and isolation as the JSON routes.
+    let (status, body) = read_json(finish_response(
+        agent()
+            .get(&api.url(&format!("/api/job/{job}/events")))
+            .call(),
+    ));
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = read_json(events(&api, &bob, &job));
+    assert_eq!(status, 404, "{body}");
+    let (status, _) = read_json(events(&api, &alice, "0123456789abcdef0123456789abcdef"));
+    assert_eq!(status, 404);
+
+    // No worker yet: the first event is the current (pending) state, sent at once.
+    let r = events(&api, &alice, &job);
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.header("Content-Type")
+            .unwrap_or("")
+            .starts_with("text/event-stream"),
+        "{:?}",
+        r.header("Content-Type")
+    );
+    let mut lines = std::io::BufReader::new(r.into_reader()).lines();
+    let (name, first) = next_event(&mut lines).expect("a first event");
+    assert_eq!(name, "job");
+    assert_eq!(first["id"], job.as_str());
+    assert_eq!(first["status"], "pending");
+
+    // The worker runs it: progress and status changes arrive, then `end` with the done view,
+    // then the stream closes.
+    api.start_worker();
+    let mut seen_progress = false;
+    let mut seen_running = false;
+    let last = loop {
+        let (name, view) = next_event(&mut lines).expect("the stream ends with `end`");
+        seen_progress |= view["emoji"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["progress"]["total"].as_u64().is_some_and(|t| t > 0))
+            || view["progress"]["total"].as_u64().is_some_and(|t| t > 0);
+        seen_running |= view["status"] == "running";
+        if name == "end" {
+            break view;
+        }
+        assert_eq!(name, "job");
+    };
+    assert_eq!(last["status"], "done", "{last}");
+    assert_eq!(last["emoji_done"], 2);
+    assert!(seen_running, "no running state was streamed");
+    assert!(seen_progress, "no progress was streamed");
+    assert!(
+        next_event(&mut lines).is_none(),
+        "the stream closes after `end`"
+    );
+
+    // A client that reconnects to a settled job gets its state at once, as `end`.
+    let r = events(&api, &alice, &job);
+    let mut lines = std::io::BufReader::new(r.into_reader()).lines();
+    let (name, view) = next_event(&mut lines).expect("the state");
+    assert_eq!(name, "end");
+    assert_eq!(view["status"], "done");
+
+    // Every request was counted under its route template, with its latency in a histogram.
+    let text = get_raw(&api.url("/metrics")).into_string().unwrap();
+    assert!(
+        text.contains(
+            r#"popcon_api_requests_total{route="/api/job/{job_id}/events",status="200",code=""} 2"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"popcon_api_request_duration_seconds_bucket{route="/api/job/{job_id}/events",le="+Inf"} "#),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE popcon_api_request_duration_seconds histogram"),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_web_app_is_served_from_the_binary_with_its_assets() {
+    let api = Api::start();
+    for (path, ty, needle) in [
+        ("/", "text/html", "app.js"),
+        ("/app.js", "text/javascript", "/api/job/"),
+        ("/app.css", "text/css", "{"),
+    ] {
+        let r = get_raw(&api.url(path));
+        assert_eq!(r.status(), 200, "{path}");
+        assert!(
+            r.header("Content-Type").unwrap_or("").starts_with(ty),
+            "{path}"
+        );
+        assert!(r.header("Content-Security-Policy").is_some(), "{path}");
+        let body = r.into_string().unwrap();
+        assert!(body.contains(needle), "{path}: {body:.200}");
+    }
 }

@@ -12,6 +12,8 @@
 //! | `GET /api/job/{id}` | status, per-emoji status, signed image URLs, progress |
 //! | `GET /api/jobs?limit=&offset=` | the archive, newest first, with the thumbnail chain |
 //! | `GET /api/job/{id}/download` | a zip of the done images, streamed |
+//! | `GET /api/job/{id}/events` | the job's live state, server-sent events ([`super::events`]) |
+//! | `GET /`, `/app.js`, `/app.css` | the web app ([`super::web`]) |
 //! | `POST/DELETE/GET /api/admin/off-hours` | admin: the off-hours flag (TTL required, ≤ 20 h) |
 //! | `POST /api/admin/credits` | admin: grant credits |
 //! | `GET /files/{key}` | thumbnails; other images with a valid signature |
@@ -47,6 +49,7 @@ use crate::job::{Action, EmojiStatus};
 use crate::pipeline::post::{self, ImageError};
 use crate::queue::{JobProgress, QueueError};
 use crate::store::{JobRecord, StoreError, ThumbnailSource, UserRecord};
+use crate::telemetry::Registry;
 
 /// Settings of the API server.
 #[derive(Debug, Clone)]
@@ -59,6 +62,8 @@ pub struct ApiConfig {
     /// Archive page size when the request gives none, and the largest allowed.
     pub page_size: u32,
     pub max_page_size: u32,
+    /// The live event streams (`GET /api/job/{id}/events`).
+    pub events: super::events::EventsConfig,
 }
 
 impl Default for ApiConfig {
@@ -68,6 +73,7 @@ impl Default for ApiConfig {
             signed_url_ttl: Duration::from_secs(3600),
             page_size: 20,
             max_page_size: 100,
+            events: Default::default(),
         }
     }
 }
@@ -78,22 +84,51 @@ pub struct ApiState {
     cfg: ApiConfig,
     placeholder: Bytes,
     metrics: ApiMetrics,
+    /// Ends the event streams when the server stops (set by [`ApiState::stop_streams_on`]).
+    shutdown: std::sync::OnceLock<crate::worker::Shutdown>,
 }
 
-/// Counters for `/metrics`: every response by route template, status and error code (the
-/// `code` of [`ApiError`], so the error enum decides the label as it decides the status), and
-/// the outcome of every action request.
-#[derive(Debug, Default)]
+/// The API's `/metrics`, on its own [`Registry`]: every response by route template, status and
+/// error code (the `code` of [`ApiError`], so the error enum decides the label as it decides the
+/// status), a latency histogram per route, and the outcome of every action request.
+#[derive(Debug)]
 pub struct ApiMetrics {
-    requests: std::sync::Mutex<std::collections::BTreeMap<(String, u16, &'static str), u64>>,
-    actions: std::sync::Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
+    registry: Registry,
 }
 
 impl ApiMetrics {
-    fn request(&self, route: &str, status: u16, code: &'static str) {
-        if let Ok(mut m) = self.requests.lock() {
-            *m.entry((route.to_string(), status, code)).or_default() += 1;
-        }
+    fn new() -> ApiMetrics {
+        let registry = Registry::new();
+        registry.with(|| {
+            ::metrics::describe_counter!(
+                "popcon_api_requests_total",
+                "API responses by route, status and error code"
+            );
+            ::metrics::describe_histogram!(
+                "popcon_api_request_duration_seconds",
+                ::metrics::Unit::Seconds,
+                "Time from a matched request to its response head, by route"
+            );
+            ::metrics::describe_counter!(
+                "popcon_api_actions_total",
+                "Action requests by action and outcome"
+            );
+        });
+        ApiMetrics { registry }
+    }
+
+    fn request(&self, route: &str, status: u16, code: &'static str, took: Duration) {
+        self.registry.with(|| {
+            ::metrics::counter!(
+                "popcon_api_requests_total",
+                "route" => route.to_string(),
+                "status" => status.to_string(),
+                "code" => code,
+            )
+            .increment(1);
+            ::metrics::histogram!("popcon_api_request_duration_seconds", "route" => route.to_string())
+                .record(took.as_secs_f64());
+        });
     }
 
     fn action(&self, action: Action, reply: &ActionReply) {
@@ -102,38 +137,24 @@ impl ApiMetrics {
             ActionReply::Duplicate { .. } => "duplicate",
             ActionReply::WrongState { .. } => "wrong_state",
         };
-        if let Ok(mut m) = self.actions.lock() {
-            *m.entry((action.as_str(), outcome)).or_default() += 1;
-        }
+        self.registry.with(|| {
+            ::metrics::counter!(
+                "popcon_api_actions_total",
+                "action" => action.as_str(),
+                "outcome" => outcome,
+            )
+            .increment(1);
+        });
     }
 
     /// The Prometheus exposition text.
     pub fn render(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::new();
-        out.push_str(
-            "# HELP popcon_api_requests_total API responses by route, status and error code\n",
-        );
-        out.push_str("# TYPE popcon_api_requests_total counter\n");
-        if let Ok(m) = self.requests.lock() {
-            for ((route, status, code), n) in m.iter() {
-                let _ = writeln!(
-                    out,
-                    "popcon_api_requests_total{{route=\"{route}\",status=\"{status}\",code=\"{code}\"}} {n}"
-                );
-            }
-        }
-        out.push_str("# HELP popcon_api_actions_total Action requests by action and outcome\n");
-        out.push_str("# TYPE popcon_api_actions_total counter\n");
-        if let Ok(m) = self.actions.lock() {
-            for ((action, outcome), n) in m.iter() {
-                let _ = writeln!(
-                    out,
-                    "popcon_api_actions_total{{action=\"{action}\",outcome=\"{outcome}\"}} {n}"
-                );
-            }
-        }
-        out
+        self.registry.render()
+    }
+
+    /// See [`Registry::upkeep`].
+    pub fn upkeep(&self) {
+        self.registry.upkeep();
     }
 }
 
@@ -154,7 +175,8 @@ impl ApiState {
             enq,
             cfg,
             placeholder: Bytes::from(placeholder_png()?),
-            metrics: ApiMetrics::default(),
+            metrics: ApiMetrics::new(),
+            shutdown: std::sync::OnceLock::new(),
         }))
     }
 
@@ -164,6 +186,27 @@ impl ApiState {
 
     pub fn metrics(&self) -> &ApiMetrics {
         &self.metrics
+    }
+
+    /// Event streams end when `shutdown` fires: a graceful stop waits for every response in
+    /// flight, and a stream would otherwise never finish. Call it once, before serving.
+    pub fn stop_streams_on(&self, shutdown: crate::worker::Shutdown) {
+        let _ = self.shutdown.set(shutdown);
+    }
+
+    /// Resolves when the server stops (never, when [`ApiState::stop_streams_on`] was not called).
+    pub(super) fn stopping(&self) -> impl Future<Output = ()> + Send + 'static {
+        let shutdown = self.shutdown.get().cloned();
+        async move {
+            match shutdown {
+                Some(s) => s.wait().await,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    pub(super) fn events_config(&self) -> super::events::EventsConfig {
+        self.cfg.events
     }
 }
 
@@ -196,6 +239,8 @@ pub fn routes(state: Arc<ApiState>) -> Router {
         .route("/api/credits", get(credits))
         .route("/api/job/{job_id}", get(job))
         .route("/api/job/{job_id}/download", get(download_zip))
+        .route("/api/job/{job_id}/events", get(super::events::job_events))
+        .merge(super::web::routes())
         .route("/api/jobs", get(jobs))
         .route(
             "/api/admin/off-hours",
@@ -222,12 +267,14 @@ async fn track(
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let started = std::time::Instant::now();
     let resp = next.run(req).await;
     let code = resp
         .extensions()
         .get::<super::ErrorCode>()
         .map_or("", |c| c.0);
-    st.metrics.request(&route, resp.status().as_u16(), code);
+    st.metrics
+        .request(&route, resp.status().as_u16(), code, started.elapsed());
     resp
 }
 
@@ -360,7 +407,7 @@ impl FromRequestParts<Arc<ApiState>> for AdminUser {
 }
 
 /// Path parameters with a JSON error instead of axum's plain-text one.
-struct JobPath(String);
+pub(super) struct JobPath(pub(super) String);
 
 impl<S: Send + Sync> FromRequestParts<S> for JobPath {
     type Rejection = ApiError;
@@ -457,7 +504,7 @@ impl ApiState {
         }
     }
 
-    async fn job_view(
+    pub(super) async fn job_view(
         &self,
         headers: &HeaderMap,
         job: &JobRecord,

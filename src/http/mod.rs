@@ -32,7 +32,9 @@ use crate::worker::{Shutdown, Worker};
 
 pub mod api;
 pub mod download;
+pub mod events;
 pub mod serve;
+pub mod web;
 
 pub use serve::HttpLimits;
 
