@@ -1000,6 +1000,80 @@ async fn the_form_says_why_a_set_was_refused_and_keeps_what_was_typed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_archive_pages_newest_first_and_the_zip_downloads_with_the_token() {
+    let env = Env::start().await;
+    let token = env.user("alice", 100).await;
+    // 14 sets: a first page of 12 (the page's size), a second of 2.
+    let mut jobs = Vec::new();
+    for _ in 0..14 {
+        jobs.push(env.set(&token, &["happy"]).await);
+    }
+    env.finish(&jobs[13], 0, None).await;
+    let (_driver, c) = browser(1280).await;
+    sign_in(&c, &env, &token).await;
+    c.goto(&format!("{}/#/", env.base)).await.unwrap();
+    let cards = "[...document.querySelectorAll('#archive .card')].map(c => c.dataset.job)";
+    wait_for(&c, &format!("{cards}.length === 12"), "the first page").await;
+    let first: Vec<String> =
+        serde_json::from_value(js(&c, &format!("return {cards};")).await).unwrap();
+    let newest: Vec<String> = jobs.iter().rev().cloned().collect();
+    assert_eq!(first, newest[..12]);
+    c.find(Locator::Css("#next"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(&c, &format!("{cards}.length === 2"), "the second page").await;
+    let second: Vec<String> =
+        serde_json::from_value(js(&c, &format!("return {cards};")).await).unwrap();
+    assert_eq!(second, newest[12..]);
+    c.find(Locator::Css("#prev"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(
+        &c,
+        &format!("{cards}.length === 12"),
+        "the first page again",
+    )
+    .await;
+
+    // The zip route needs the bearer header: the page fetches it with the token.
+    let job = &jobs[13];
+    c.goto(&format!("{}/#/job/{job}", env.base)).await.unwrap();
+    wait_for(
+        &c,
+        &format!("document.querySelector(\"{}\") && document.querySelector(\"{}\").dataset.status === 'done'", cell(0), cell(0)),
+        "the job page",
+    )
+    .await;
+    c.find(Locator::Css("#download"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while env.hook.count(&format!("GET /api/job/{job}/download")) == 0 {
+        assert!(Instant::now() < deadline, "the zip was never asked for");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let said = c
+        .find(Locator::Css("#job-error"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(said, "", "the download reported a failure");
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn screenshots_of_the_archive_and_a_job_page() {
     let mut env = Env::start().await;
     env.start_worker().await;
