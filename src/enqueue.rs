@@ -226,11 +226,25 @@ impl Prices {
 }
 
 /// Settings of the enqueue side.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct EnqueueConfig {
     pub prices: Prices,
     /// Limits on an uploaded reference image (bytes, side, pixels: decompression bombs).
     pub image_limits: ImageLimits,
+    /// Reference images decoded at once; more wait their turn. Each decode may take up to the
+    /// limits' allocation budget (96 MB at the defaults) plus its re-encode, so this bounds the
+    /// API's memory under a burst of maximal uploads (and keeps cores for everything else).
+    pub decode_concurrency: usize,
+}
+
+impl Default for EnqueueConfig {
+    fn default() -> Self {
+        EnqueueConfig {
+            prices: Prices::default(),
+            image_limits: ImageLimits::default(),
+            decode_concurrency: 2,
+        }
+    }
 }
 
 /// A generate-set request.
@@ -303,6 +317,8 @@ pub struct Enqueuer {
     blobs: Blobs,
     cfg: EnqueueConfig,
     before_dispatch: Option<DispatchHook>,
+    /// Permits for reference decodes ([`EnqueueConfig::decode_concurrency`]).
+    decodes: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for Enqueuer {
@@ -331,6 +347,7 @@ impl Enqueuer {
             blobs,
             cfg,
             before_dispatch: None,
+            decodes: Arc::new(tokio::sync::Semaphore::new(cfg.decode_concurrency.max(1))),
         }
     }
 
@@ -484,9 +501,12 @@ impl Enqueuer {
                 }
                 let bytes = bytes.clone();
                 let limits = self.cfg.image_limits;
+                // The semaphore is never closed; a failed acquire would only mean no limit.
+                let _permit = self.decodes.acquire().await.ok();
                 let png = tokio::task::spawn_blocking(move || {
-                    let img = post::decode_image(&bytes, limits)?;
-                    post::encode_png(&image::DynamicImage::ImageRgb8(img).to_rgba8())
+                    // Stored as RGB, as decoded: an alpha channel would add a third to the
+                    // memory of a maximal upload and the worker reads RGB anyway.
+                    post::encode_rgb_png(&post::decode_image(&bytes, limits)?)
                 })
                 .await
                 .map_err(|e| EnqueueError::BadInput(format!("the image decoder failed: {e}")))??;

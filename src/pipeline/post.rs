@@ -196,6 +196,14 @@ pub fn encode_png(img: &RgbaImage) -> Result<Vec<u8>, ImageError> {
     Ok(out.into_inner())
 }
 
+/// PNG bytes of an RGB image (an uploaded reference, stored as decoded).
+pub fn encode_rgb_png(img: &RgbImage) -> Result<Vec<u8>, ImageError> {
+    let mut out = Cursor::new(Vec::new());
+    img.write_to(&mut out, ImageFormat::Png)
+        .map_err(|e| ImageError::Encode(e.to_string()))?;
+    Ok(out.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
