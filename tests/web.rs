@@ -995,7 +995,34 @@ async fn the_form_says_why_a_set_was_refused_and_keeps_what_was_typed() {
         .await
         .unwrap();
     assert!(said.contains("Try again after"), "{said:?}");
-    assert_eq!(env.hook.count("POST /api/generate-set"), 2);
+    queue.clear_off_hours().await.unwrap();
+
+    // A "photo" that is not an image: refused before anything is created, said as a sentence.
+    let bogus = env.dir.path().join("not-a-photo.png");
+    std::fs::write(&bogus, b"this is not an image").unwrap();
+    c.find(Locator::Css("#photo"))
+        .await
+        .unwrap()
+        .send_keys(&bogus.display().to_string())
+        .await
+        .unwrap();
+    submit().await;
+    wait_for(
+        &c,
+        "document.querySelector('#gen-error').textContent.includes('refused')",
+        "the 400 sentence",
+    )
+    .await;
+    let said = c
+        .find(Locator::Css("#gen-error"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(said.to_lowercase().contains("image"), "{said:?}");
+    assert_eq!(env.hook.count("POST /api/generate-set"), 3);
+    assert_eq!(env.balance("alice").await, 11, "nothing charged");
     c.close().await.unwrap();
 }
 
