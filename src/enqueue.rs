@@ -215,13 +215,7 @@ impl Prices {
 
     /// The price of one `action` on one emoji (the per-emoji price for set actions).
     pub fn per_emoji(&self, action: Action) -> i64 {
-        match action {
-            Action::GenerateSet => self.generate_set_per_emoji,
-            Action::Retry => self.retry,
-            Action::Regenerate => self.regenerate,
-            Action::Approve => self.approve,
-            Action::ApproveAll => self.approve_all_per_emoji,
-        }
+        (action.spec().price)(self)
     }
 }
 
@@ -667,8 +661,8 @@ impl Enqueuer {
         if !row.status.allows(action) {
             return Ok(wrong_state(action, row.status));
         }
-        let expected = allowed_from(action);
-        let keep_status = action == Action::Approve;
+        let expected = action.spec().from;
+        let keep_status = action.spec().preflip == crate::action::Preflip::KeepStatus;
         let price = self.cfg.prices.per_emoji(action);
         let reason = format!("{action} {job_id} emoji {idx}");
         let charge = (price > 0).then(|| Charge {
@@ -943,18 +937,8 @@ impl Enqueuer {
     }
 }
 
-/// The statuses an action applies to (DESIGN.md, "Statuses").
-fn allowed_from(action: Action) -> &'static [EmojiStatus] {
-    match action {
-        Action::Retry => &[EmojiStatus::Failed],
-        Action::Regenerate => &[EmojiStatus::Done, EmojiStatus::Failed],
-        Action::Approve | Action::ApproveAll => &[EmojiStatus::Done],
-        Action::GenerateSet => &[EmojiStatus::Pending],
-    }
-}
-
 fn wrong_state(action: Action, status: EmojiStatus) -> ActionReply {
-    let allowed: Vec<&str> = allowed_from(action).iter().map(|s| s.as_str()).collect();
+    let allowed: Vec<&str> = action.spec().from.iter().map(|s| s.as_str()).collect();
     ActionReply::WrongState {
         deduped: true,
         current: status.as_str().to_string(),

@@ -41,14 +41,13 @@ impl Action {
         Action::ApproveAll,
     ];
 
+    /// What the action is: its file under `src/action/` ([`crate::action`]).
+    pub fn spec(self) -> &'static crate::action::Spec {
+        crate::action::spec(self)
+    }
+
     pub fn as_str(self) -> &'static str {
-        match self {
-            Action::GenerateSet => "generate_set",
-            Action::Retry => "retry",
-            Action::Regenerate => "regenerate",
-            Action::Approve => "approve",
-            Action::ApproveAll => "approve_all",
-        }
+        self.spec().name
     }
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -58,23 +57,17 @@ impl Action {
     /// Whether the action spends GPU time: all diffusion does. Costly work is not claimed
     /// while the off-hours flag is set.
     pub fn is_costly(self) -> bool {
-        matches!(
-            self,
-            Action::GenerateSet | Action::Retry | Action::Regenerate
-        )
+        self.spec().costly
     }
 
     /// Whether the message must name one emoji (`idx`).
     pub fn needs_idx(self) -> bool {
-        matches!(self, Action::Retry | Action::Regenerate | Action::Approve)
+        self.spec().needs_idx
     }
 
     /// Which stream carries it: one emoji with a person waiting, or a whole set.
     pub fn lane(self) -> Lane {
-        match self {
-            Action::Retry | Action::Regenerate | Action::Approve => Lane::Interactive,
-            Action::GenerateSet | Action::ApproveAll => Lane::Bulk,
-        }
+        self.spec().lane
     }
 }
 
@@ -134,14 +127,10 @@ impl EmojiStatus {
         .find(|v| v.as_str() == s)
     }
 
-    /// Whether `action` may start from this status (`DESIGN.md`, "Statuses").
+    /// Whether `action` may start from this status (`DESIGN.md`, "Statuses"; the table is
+    /// the actions' specs, [`crate::action`]).
     pub fn allows(self, action: Action) -> bool {
-        match action {
-            Action::Retry => self == EmojiStatus::Failed,
-            Action::Regenerate => matches!(self, EmojiStatus::Done | EmojiStatus::Failed),
-            Action::Approve | Action::ApproveAll => self == EmojiStatus::Done,
-            Action::GenerateSet => self == EmojiStatus::Pending,
-        }
+        action.spec().allows(self)
     }
 
     /// Whether the row has reached an outcome (no work is left on it).

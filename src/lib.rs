@@ -15,6 +15,8 @@
 //!   that is the reference and the path used everywhere else.
 //!
 //! - [`job`]: ids, actions, statuses and the queue message (`RawMessage` → `ValidJob`).
+//! - [`action`]: one file per action — allowed statuses, lane, costliness, price key, seed
+//!   rule, pre-flip and worker step — read by the enqueue side, the queue and the worker.
 //!
 //! - [`queue`]: Redis streams, leases, reclaim, dead letters, run-once keys, off-hours.
 //! - [`store`]: the job database (SQLite or Postgres), fenced writes.
@@ -33,6 +35,7 @@
 //! - [`telemetry`]: the Prometheus registries behind both `/metrics` (one per worker or API,
 //!   histograms for durations).
 
+pub mod action;
 pub mod auth;
 pub mod blobs;
 pub mod config;

@@ -734,6 +734,13 @@ async fn a_live_long_job_is_never_reclaimed_by_another_worker() {
     a_cfg.engine.steps = Some(400);
     let started = Instant::now();
     let a = h.spawn(a_cfg).await;
+    // b starts only once a holds the job: the question is whether b steals it, not who wins
+    // the first read (under load b could, and would run it with the default steps).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.worker.metrics().total("claimed") == 0 {
+        assert!(Instant::now() < deadline, "worker a never claimed the job");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut b_cfg = h.config("wb");
     b_cfg.queue.lease = Duration::from_millis(800);
     let b = h.spawn(b_cfg).await;

@@ -54,6 +54,7 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
+use crate::action::{SeedRule, Step};
 use crate::blobs::{self, BlobError, Blobs};
 use crate::config::WorkerConfig;
 use crate::engine::preset::PresetRegistry;
@@ -715,8 +716,8 @@ impl Worker {
         claim: &Claim<'_>,
         shutdown: &Shutdown,
     ) -> Result<Finished, Stop> {
-        match job.action {
-            Action::Approve => {
+        match job.action.spec().step {
+            Step::ApproveOne => {
                 let idx = job.idx.unwrap_or(0);
                 Ok(
                     match self
@@ -733,13 +734,11 @@ impl Worker {
                     },
                 )
             }
-            Action::ApproveAll => match self.store.approve_all(&job.job_id).await? {
+            Step::ApproveAll => match self.store.approve_all(&job.job_id).await? {
                 Some(_) => Ok(Finished::Done),
                 None => Err(WorkerError::JobMissing(job.job_id.clone()).into()),
             },
-            Action::GenerateSet | Action::Retry | Action::Regenerate => {
-                self.diffuse(job, claim, shutdown).await
-            }
+            Step::Render => self.diffuse(job, claim, shutdown).await,
         }
     }
 
@@ -804,9 +803,9 @@ impl Worker {
                 .unwrap_or_default();
             let p = prompt::emoji_prompt(&rec.subject, label, rec.style.as_deref().unwrap_or(""))?;
             prompts.push(p.prompt);
-            seeds.push(match job.action {
-                Action::Regenerate => regenerate_seed(rec.seed, idx, job.fence),
-                _ => emoji_seed(rec.seed, idx),
+            seeds.push(match job.action.spec().seed {
+                SeedRule::PerFence => regenerate_seed(rec.seed, idx, job.fence),
+                SeedRule::Row | SeedRule::None => emoji_seed(rec.seed, idx),
             });
         }
         let mut req = GenerateRequest::new(preset, prompts, 0);

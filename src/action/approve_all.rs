@@ -1,0 +1,18 @@
+//! Approve every done emoji of a set, under one claim for the set, on the bulk lane.
+
+use super::{Preflip, SeedRule, Spec, Step};
+use crate::job::{Action, EmojiStatus, Lane};
+
+pub const SPEC: Spec = Spec {
+    action: Action::ApproveAll,
+    name: "approve_all",
+    from: &[EmojiStatus::Done],
+    lane: Lane::Bulk,
+    costly: false,
+    needs_idx: false,
+    price_key: "approve_all",
+    price: |p| p.approve_all_per_emoji,
+    seed: SeedRule::None,
+    preflip: Preflip::KeepStatus,
+    step: Step::ApproveAll,
+};

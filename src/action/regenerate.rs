@@ -1,0 +1,19 @@
+//! Regenerate one done or failed emoji: a new seed per fence, so every click is a new picture
+//! and a replayed message is the same one.
+
+use super::{Preflip, SeedRule, Spec, Step};
+use crate::job::{Action, EmojiStatus, Lane};
+
+pub const SPEC: Spec = Spec {
+    action: Action::Regenerate,
+    name: "regenerate",
+    from: &[EmojiStatus::Done, EmojiStatus::Failed],
+    lane: Lane::Interactive,
+    costly: true,
+    needs_idx: true,
+    price_key: "regenerate",
+    price: |p| p.regenerate,
+    seed: SeedRule::PerFence,
+    preflip: Preflip::ToPending,
+    step: Step::Render,
+};
