@@ -114,7 +114,7 @@ impl Watch {
         Some((job, progress))
     }
 
-    async fn event(&self, name: &str, view: Value) -> Event {
+    fn event(name: &str, view: Value) -> Event {
         Event::default()
             .event(name)
             .json_data(view)
@@ -151,10 +151,10 @@ impl Watch {
                         .await;
                     if done {
                         self.step = Step::Closed;
-                        let ev = self.event("end", view).await;
+                        let ev = Watch::event("end", view);
                         return Some((Ok(ev), self));
                     }
-                    let ev = self.event("job", view).await;
+                    let ev = Watch::event("job", view);
                     return Some((Ok(ev), self));
                 }
             }
