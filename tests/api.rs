@@ -1525,6 +1525,25 @@ fn a_grant_out_of_range_or_overflowing_the_balance_is_400_not_500() {
     assert_eq!(b["code"], "bad_request");
     assert!(b["error"].as_str().unwrap().contains("overflow"), "{b}");
     assert_eq!(api.balance("jo"), before, "nothing written");
+
+    // Admin bodies are JSON objects: serde would read an array field by field.
+    for (path, body) in [
+        ("/api/admin/credits", json!(["jo", 5])),
+        ("/api/admin/off-hours", json!([true, 3600])),
+    ] {
+        let (status, b) = post_json(&api.url(path), Some(&admin), &body);
+        assert_eq!(status, 400, "{path}: {b}");
+        assert!(
+            b["error"]
+                .as_str()
+                .unwrap()
+                .contains("must be a JSON object"),
+            "{b}"
+        );
+    }
+    assert_eq!(api.balance("jo"), before, "nothing written");
+    let (_, state) = get(&api.url("/api/admin/off-hours"), Some(&admin));
+    assert_eq!(state["on"], false, "{state}");
 }
 
 // ---- HTTP read timeouts and the connection limit ---------------------------------------------

@@ -406,6 +406,28 @@ impl FromRequestParts<Arc<ApiState>> for AdminUser {
     }
 }
 
+/// A JSON body that must be an object. serde also fills a struct from an array, field by field
+/// in declaration order (`[true, 3600]` would pass as `{"on": true, "ttl_s": 3600}`), which no
+/// client means on purpose; the Content-Type rules are axum's `Json`'s.
+pub(super) struct JsonObject<T>(pub(super) T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonObject<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let axum::Json(value) = axum::Json::<Value>::from_request(req, state).await?;
+        if !value.is_object() {
+            return Err(ApiError::BadRequest(format!(
+                "the body must be a JSON object, got {}",
+                json_kind(&value)
+            )));
+        }
+        serde_json::from_value(value)
+            .map(JsonObject)
+            .map_err(|e| ApiError::BadRequest(format!("bad body: {e}")))
+    }
+}
+
 /// Path parameters with a JSON error instead of axum's plain-text one.
 pub(super) struct JobPath(pub(super) String);
 
@@ -897,9 +919,8 @@ struct OffHoursState {
 async fn off_hours_set(
     State(st): State<Arc<ApiState>>,
     AdminUser(admin): AdminUser,
-    body: Result<axum::Json<OffHoursBody>, axum::extract::rejection::JsonRejection>,
+    JsonObject(body): JsonObject<OffHoursBody>,
 ) -> Result<axum::Json<OffHoursState>, ApiError> {
-    let axum::Json(body) = body?;
     if !body.on {
         st.enq.set_off_hours(None).await?;
         tracing::info!(admin = %admin.id, "off-hours cleared");
@@ -972,9 +993,8 @@ struct GrantBody {
 async fn grant_credits(
     State(st): State<Arc<ApiState>>,
     AdminUser(admin): AdminUser,
-    body: Result<axum::Json<GrantBody>, axum::extract::rejection::JsonRejection>,
+    JsonObject(body): JsonObject<GrantBody>,
 ) -> Result<axum::Json<Value>, ApiError> {
-    let axum::Json(body) = body?;
     if body.amount <= 0 || body.amount > MAX_GRANT {
         return Err(ApiError::BadRequest(format!(
             "`amount` must be 1-{MAX_GRANT}, got {}",
