@@ -1,6 +1,8 @@
 //! What the product asks of the engine, with no Redis and no SQL: the prompts (the head-to-toe
-//! pose prompt, the emoji sticker prompts) and the post-processing of generated images
-//! (background key clean-up, thumbnails, PNG). The daemon composes these with the engine.
+//! pose prompt, the emoji sticker prompts), the set pipeline's requests and seeds ([`set`]),
+//! and the post-processing of generated images (background key clean-up, thumbnails, PNG).
+//! The worker runs these on the engine and does the I/O.
 
 pub mod post;
 pub mod prompt;
+pub mod set;

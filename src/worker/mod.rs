@@ -54,16 +54,16 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
-use crate::action::{SeedRule, Step};
+use crate::action::Step;
 use crate::blobs::{self, BlobError, Blobs};
 use crate::config::WorkerConfig;
 use crate::engine::preset::PresetRegistry;
 use crate::engine::weights::ModelFiles;
-use crate::engine::{Engine, EngineOptions, GenerateRequest, InitImage, Progress, Stage};
+use crate::engine::{Engine, EngineOptions, GenerateRequest, Progress, Stage};
 use crate::job::{Action, ValidJob, charge_key};
-use crate::kernels::AlphaKey;
 use crate::pipeline::post::{self, ImageError, ImageLimits};
-use crate::pipeline::prompt::{self, PromptError};
+use crate::pipeline::prompt::PromptError;
+use crate::pipeline::set;
 use crate::queue::{DeadLetterOutcome, Delivery, Lease, OwnedOutcome, Queue, QueueError, RunGuard};
 use crate::store::{
     EmojiOutcome, JobRecord, RefundOutcome, StartOutcome, Store, StoreError, StoreOptions,
@@ -146,27 +146,8 @@ enum Finished {
     AlreadyHandled,
 }
 
-/// Seed of emoji `idx` for `generate_set` and `retry`.
-pub fn emoji_seed(job_seed: u64, idx: u32) -> u64 {
-    job_seed.wrapping_add(u64::from(idx))
-}
-
-/// Seed of emoji `idx` regenerated under `fence`: new per fence, the same for redeliveries.
-pub fn regenerate_seed(job_seed: u64, idx: u32, fence: u64) -> u64 {
-    mix(emoji_seed(job_seed, idx) ^ mix(fence.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
-}
-
-/// Seed of a set's pose image.
-pub fn pose_seed(job_seed: u64) -> u64 {
-    mix(job_seed ^ 0x706F_7365) // "pose"
-}
-
-/// splitmix64's finalizer: a bijection that spreads nearby inputs far apart.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
+// The seeds live with the set pipeline; re-exported where the worker's users found them.
+pub use crate::pipeline::set::{emoji_seed, pose_seed, regenerate_seed};
 
 /// The daemon: connected, model loaded, ready to [`Worker::run`].
 pub struct Worker {
@@ -791,34 +772,29 @@ impl Worker {
         if self.still_running(job, &mut started).await? {
             return Ok(Finished::AlreadyHandled);
         }
-        let preset = self.engine.preset();
-        let mut prompts = Vec::with_capacity(started.len());
-        let mut seeds = Vec::with_capacity(started.len());
-        for &idx in &started {
-            let label = rec
-                .emoji
-                .iter()
-                .find(|e| e.idx == idx)
-                .map(|e| e.label.as_str())
-                .unwrap_or_default();
-            let p = prompt::emoji_prompt(&rec.subject, label, rec.style.as_deref().unwrap_or(""))?;
-            prompts.push(p.prompt);
-            seeds.push(match job.action.spec().seed {
-                SeedRule::PerFence => regenerate_seed(rec.seed, idx, job.fence),
-                SeedRule::Row | SeedRule::None => emoji_seed(rec.seed, idx),
-            });
-        }
-        let mut req = GenerateRequest::new(preset, prompts, 0);
-        req.seeds = seeds.clone();
-        req.negative_prompt = prompt::EMOJI_NEGATIVE.to_string();
-        if let Some(steps) = self.cfg.engine.steps {
-            req.steps = steps;
-        }
-        req.init = Some(InitImage {
-            image: pose,
-            strength: self.cfg.engine.strength.unwrap_or(preset.defaults.strength),
-        });
-        req.alpha_key = AlphaKey::default();
+        let rows: Vec<(u32, &str)> = started
+            .iter()
+            .map(|&idx| {
+                let label = rec
+                    .emoji
+                    .iter()
+                    .find(|e| e.idx == idx)
+                    .map_or("", |e| e.label.as_str());
+                (idx, label)
+            })
+            .collect();
+        let set::EmojiBatch {
+            request: req,
+            seeds,
+        } = set::emoji_request(
+            self.engine.preset(),
+            set_spec(&rec),
+            &rows,
+            job.fence,
+            job.action.spec().seed,
+            pose,
+            self.overrides(),
+        )?;
         let progress_slots: Vec<Option<u32>> = started.iter().map(|&i| Some(i)).collect();
         let rendered = self
             .render(req, job, &progress_slots, "emoji", claim, shutdown)
@@ -828,19 +804,16 @@ impl Worker {
         if self.still_running(job, &mut started).await? {
             return Ok(Finished::AlreadyHandled);
         }
-        for ((idx, seed), mut img) in rendered_for.iter().copied().zip(seeds).zip(rendered.images) {
+        for ((idx, seed), img) in rendered_for.iter().copied().zip(seeds).zip(rendered.images) {
             if !started.contains(&idx) {
                 continue; // another worker wrote this row meanwhile
             }
-            post::restore_enclosed(&mut img);
+            let files = set::emoji_files(img)?;
             let upload = Instant::now();
             let image_key = blobs::keys::emoji(&job.job_id, idx, job.fence);
-            self.blobs.put(&image_key, post::encode_png(&img)?).await?;
+            self.blobs.put(&image_key, files.image_png).await?;
             let thumb_key = blobs::keys::thumb(&job.job_id, idx, job.fence);
-            let thumb = post::thumbnail(&img, post::THUMBNAIL_SIZE);
-            self.blobs
-                .put(&thumb_key, post::encode_png(&thumb)?)
-                .await?;
+            self.blobs.put(&thumb_key, files.thumbnail_png).await?;
             self.metrics.observe("upload", upload.elapsed());
             let write = Instant::now();
             let outcome = EmojiOutcome {
@@ -891,22 +864,19 @@ impl Worker {
                 Err(e) => return Err(e.into()),
             }
         }
-        let preset = self.engine.preset();
-        let mut req = GenerateRequest::new(
-            preset,
-            vec![prompt::pose_prompt(&rec.subject)?],
-            pose_seed(rec.seed),
-        );
-        if let Some(steps) = self.cfg.engine.steps {
-            req.steps = steps;
-        }
-        if let Some(key) = rec.reference_key.as_deref() {
-            let bytes = self.blobs.get(key).await?;
-            req.init = Some(InitImage {
-                image: post::decode_image(&bytes, ImageLimits::default())?,
-                strength: preset.defaults.strength,
-            });
-        }
+        let reference = match rec.reference_key.as_deref() {
+            Some(key) => Some(post::decode_image(
+                &self.blobs.get(key).await?,
+                ImageLimits::default(),
+            )?),
+            None => None,
+        };
+        let req = set::pose_request(
+            self.engine.preset(),
+            set_spec(rec),
+            reference,
+            self.overrides(),
+        )?;
         let rendered = self
             .render(req, job, &[None], "pose", claim, shutdown)
             .await?;
@@ -925,6 +895,13 @@ impl Worker {
         self.blobs.put(&key, post::encode_png(&img)?).await?;
         self.store.set_pose_key(&job.job_id, &key).await?;
         Ok(image::DynamicImage::ImageRgba8(img).to_rgb8())
+    }
+
+    fn overrides(&self) -> set::Overrides {
+        set::Overrides {
+            steps: self.cfg.engine.steps,
+            strength: self.cfg.engine.strength,
+        }
     }
 
     /// One engine call, with progress written to Redis, cancellation polled, the lease
@@ -1065,6 +1042,14 @@ impl Worker {
     }
 }
 
+fn set_spec(rec: &JobRecord) -> set::SetSpec<'_> {
+    set::SetSpec {
+        subject: &rec.subject,
+        style: rec.style.as_deref(),
+        seed: rec.seed,
+    }
+}
+
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -1075,21 +1060,6 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn seeds_follow_the_documented_derivation() {
-        assert_eq!(emoji_seed(42, 0), 42);
-        assert_eq!(emoji_seed(42, 3), 45);
-        assert_eq!(emoji_seed(u64::MAX, 1), 0, "wraps, never panics");
-        // A regenerate differs from the original and from every other fence, but is stable
-        // for redeliveries of the same message.
-        let r2 = regenerate_seed(42, 1, 2);
-        assert_eq!(r2, regenerate_seed(42, 1, 2));
-        assert_ne!(r2, emoji_seed(42, 1));
-        assert_ne!(r2, regenerate_seed(42, 1, 3));
-        assert_ne!(r2, regenerate_seed(42, 2, 2));
-        assert_ne!(pose_seed(42), emoji_seed(42, 0));
-    }
 
     #[test]
     fn errors_are_classified_by_their_layer() {
