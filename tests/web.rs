@@ -1101,6 +1101,158 @@ async fn the_archive_pages_newest_first_and_the_zip_downloads_with_the_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_page_works_from_the_keyboard_and_every_control_has_a_name() {
+    let env = Env::start().await;
+    let token = env.user("alice", 20).await;
+    let job = env.set(&token, &["happy", "sad"]).await;
+    env.finish(&job, 0, None).await;
+    env.finish(&job, 1, None).await;
+    let (_driver, c) = browser(1280).await;
+    c.goto(&format!("{}/", env.base)).await.unwrap();
+    wait_for(&c, "document.querySelector('#token')", "the sign-in form").await;
+    // Sign in with the keyboard: type the token, press Enter.
+    c.find(Locator::Css("#token"))
+        .await
+        .unwrap()
+        .send_keys(&format!("{token}\u{E007}"))
+        .await
+        .unwrap();
+    wait_for(
+        &c,
+        "document.querySelector('#credits').dataset.state === 'value'",
+        "the balance after a keyboard sign-in",
+    )
+    .await;
+    c.goto(&format!("{}/#/job/{job}", env.base)).await.unwrap();
+    wait_for(
+        &c,
+        &format!("document.querySelector(\"{}\") && document.querySelector(\"{}\").dataset.status === 'done'", cell(0), cell(0)),
+        "the job page",
+    )
+    .await;
+    // Every button, link and input has an accessible name (text, aria-label or a label).
+    let unnamed = js(
+        &c,
+        "return [...document.querySelectorAll('button, a[href], input, select, textarea')]
+            .filter(e => !e.closest('[hidden]'))
+            .filter(e => !((e.getAttribute('aria-label') || '').trim() || (e.textContent || '').trim()
+                || (e.id && document.querySelector(`label[for='${e.id}']`)) || e.closest('label')))
+            .map(e => e.outerHTML);",
+    )
+    .await;
+    assert_eq!(unnamed, json!([]), "controls without a name");
+    // Tab from the top reaches emoji 1's regenerate button; Enter on it sends the action.
+    js(&c, "document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0); return true;").await;
+    let target = format!("{} button[data-action='regenerate']", cell(1));
+    let mut reached = false;
+    for _ in 0..60 {
+        c.active_element()
+            .await
+            .unwrap()
+            .send_keys("\u{E004}")
+            .await
+            .unwrap();
+        let here = js(
+            &c,
+            &format!("return document.activeElement === document.querySelector({target:?});"),
+        )
+        .await;
+        if here == Value::Bool(true) {
+            reached = true;
+            break;
+        }
+    }
+    assert!(reached, "Tab never reached {target}");
+    c.active_element()
+        .await
+        .unwrap()
+        .send_keys("\u{E007}")
+        .await
+        .unwrap();
+    wait_for(
+        &c,
+        &format!(
+            "document.querySelector(\"{}\").dataset.status === 'pending'",
+            cell(1)
+        ),
+        "the regenerate sent with Enter",
+    )
+    .await;
+    let deadline = Instant::now() + PATIENCE;
+    while env.hook.count(&format!("POST /api/regenerate/{job}")) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the regenerate never reached the server"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_oversized_photo_is_refused_with_a_sentence_and_nothing_is_created() {
+    let env = Env::start().await;
+    let token = env.user("alice", 20).await;
+    let (_driver, c) = browser(1280).await;
+    sign_in(&c, &env, &token).await;
+    c.goto(&format!("{}/#/new", env.base)).await.unwrap();
+    wait_for(&c, "document.querySelector('#gen-form')", "the form").await;
+    c.find(Locator::Css("#subject"))
+        .await
+        .unwrap()
+        .send_keys("a red fox")
+        .await
+        .unwrap();
+    // Over the 10 MiB upload limit: refused with 413 before the body is read.
+    let big = env.dir.path().join("huge.png");
+    std::fs::write(&big, vec![7u8; 11 * 1024 * 1024]).unwrap();
+    c.find(Locator::Css("#photo"))
+        .await
+        .unwrap()
+        .send_keys(&big.display().to_string())
+        .await
+        .unwrap();
+    c.find(Locator::Css("#gen-submit"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(
+        &c,
+        "document.querySelector('#gen-error').textContent.length > 0",
+        "the refusal",
+    )
+    .await;
+    let said = c
+        .find(Locator::Css("#gen-error"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(said.contains("large"), "{said:?}");
+    let v = c
+        .find(Locator::Css("#subject"))
+        .await
+        .unwrap()
+        .prop("value")
+        .await
+        .unwrap();
+    assert_eq!(v.as_deref(), Some("a red fox"), "the form is kept");
+    assert_eq!(env.balance("alice").await, 20, "nothing charged");
+    assert!(
+        env.store
+            .list_jobs(Some("alice"), 10, 0)
+            .await
+            .unwrap()
+            .is_empty(),
+        "no job"
+    );
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn screenshots_of_the_archive_and_a_job_page() {
     let mut env = Env::start().await;
     env.start_worker().await;
