@@ -610,6 +610,18 @@ pub mod keys {
     pub fn reference(job_id: &str) -> String {
         format!("jobs/{job_id}/reference.png")
     }
+
+    /// The animated WebP of emoji `idx` approved under `fence` (the row's `animation_key`).
+    pub fn animation(job_id: &str, idx: u32, fence: u64) -> String {
+        format!("jobs/{job_id}/anim/{idx}-{fence}.webp")
+    }
+
+    /// The APNG written beside an animation: its key with `.png` for `.webp`.
+    pub fn animation_apng(animation_key: &str) -> Option<String> {
+        animation_key
+            .strip_suffix(".webp")
+            .map(|stem| format!("{stem}.png"))
+    }
 }
 
 #[cfg(test)]

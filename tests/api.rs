@@ -1839,3 +1839,87 @@ fn the_web_app_is_served_from_the_binary_with_its_assets() {
         assert!(body.contains(needle), "{path}: {body:.200}");
     }
 }
+
+// ---- animations of approved emoji --------------------------------------------------------------
+
+#[test]
+fn an_approved_emojis_animation_is_served_signed_and_zipped_in_both_formats() {
+    use popcon_worker::pipeline::animation::Clip;
+    let api = Api::start();
+    let token = api.user("jo", 10, false);
+    let job = api.set(&token, &["happy", "sad"]);
+    api.finish(&job, 0);
+    api.finish(&job, 1);
+    // What the animate step writes: both files, then the approval with the key, fenced.
+    let frames: Vec<image::RgbaImage> = (0..4)
+        .map(|i| image::RgbaImage::from_pixel(16, 16, image::Rgba([40 * i, 90, 200, 255])))
+        .collect();
+    let clip = Clip::new(frames, 8).unwrap();
+    api.rt.block_on(async {
+        let fence = match api
+            .store
+            .bump_fence(&job, 0, &[EmojiStatus::Done])
+            .await
+            .unwrap()
+        {
+            popcon_worker::store::PreflipOutcome::Flipped { fence } => fence,
+            other => panic!("{other:?}"),
+        };
+        let key = blobs::keys::animation(&job, 0, fence);
+        api.blobs.put(&key, clip.to_webp().unwrap()).await.unwrap();
+        let apng = blobs::keys::animation_apng(&key).unwrap();
+        api.blobs.put(&apng, clip.to_apng().unwrap()).await.unwrap();
+        api.store
+            .approve_emoji_animated(&job, 0, fence, &key)
+            .await
+            .unwrap();
+    });
+
+    let (_, view) = get(&api.url(&format!("/api/job/{job}")), Some(&token));
+    let e0 = &view["emoji"][0];
+    assert_eq!(e0["status"], "approved", "{view}");
+    for (field, ty) in [
+        ("animation_url", "image/webp"),
+        ("animation_apng_url", "image/png"),
+    ] {
+        let url = e0[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("{field}: {e0}"));
+        assert!(url.contains("sig="), "{field} is signed: {url}");
+        let r = get_raw(url);
+        assert_eq!(r.status(), 200, "{field}");
+        assert_eq!(r.header("Content-Type"), Some(ty), "{field}");
+        // Unsigned, the same file is refused.
+        let bare = url.split('?').next().unwrap();
+        assert_ne!(get_raw(bare).status(), 200, "{field} without its signature");
+    }
+    assert_eq!(view["emoji"][1]["animation_url"], Value::Null);
+
+    let r = finish_response(
+        authed(
+            agent().get(&api.url(&format!("/api/job/{job}/download"))),
+            Some(&token),
+        )
+        .call(),
+    );
+    let mut bytes = Vec::new();
+    r.into_reader().read_to_end(&mut bytes).unwrap();
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+    let mut names: Vec<String> = zip.file_names().map(|n| n.unwrap().into_owned()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "00-happy.apng",
+            "00-happy.png",
+            "00-happy.webp",
+            "01-sad.png"
+        ]
+    );
+    let mut webp = Vec::new();
+    zip.by_name("00-happy.webp")
+        .unwrap()
+        .read_to_end(&mut webp)
+        .unwrap();
+    assert_eq!(webp, clip.to_webp().unwrap());
+}

@@ -209,6 +209,7 @@ conformance!(
     migrations_rerun_cleanly_and_refuse_a_changed_one,
     outbox_entries_commit_with_their_flip_and_track_publishing,
     submission_keys_map_a_repeat_to_the_first_job,
+    an_animation_is_written_with_the_approval_under_the_fence_and_cleared_by_a_preflip,
 );
 
 // ---- helpers -----------------------------------------------------------------------------
@@ -785,6 +786,59 @@ async fn preflip_has_exactly_one_winner_among_50(ctx: Ctx) {
         s.preflip_emoji("j", 0, &[]).await.unwrap_err(),
         StoreError::Invalid(_)
     ));
+}
+
+async fn an_animation_is_written_with_the_approval_under_the_fence_and_cleared_by_a_preflip(
+    ctx: Ctx,
+) {
+    let s = ctx.store.clone();
+    s.create_job(&new_job("j", "u", 2)).await.unwrap();
+    for i in 0..2 {
+        start(&s, "j", i, 1).await;
+        finish(&s, "j", i, 1).await;
+    }
+    assert_eq!(
+        s.bump_fence("j", 0, &[EmojiStatus::Done]).await.unwrap(),
+        PreflipOutcome::Flipped { fence: 2 }
+    );
+    // A stale animator (fence 1) attaches nothing.
+    assert_eq!(
+        s.approve_emoji_animated("j", 0, 1, "anim/old.webp")
+            .await
+            .unwrap(),
+        WriteOutcome::Superseded { current_fence: 2 }
+    );
+    let row = &job(&s, "j").await.emoji[0];
+    assert_eq!(
+        (row.status, row.animation_key.as_deref()),
+        (EmojiStatus::Done, None)
+    );
+    // The current one writes the status and the key in one statement.
+    assert!(matches!(
+        s.approve_emoji_animated("j", 0, 2, "anim/j-0-2.webp")
+            .await
+            .unwrap(),
+        WriteOutcome::Written { .. }
+    ));
+    let row = &job(&s, "j").await.emoji[0];
+    assert_eq!(row.status, EmojiStatus::Approved);
+    assert_eq!(row.animation_key.as_deref(), Some("anim/j-0-2.webp"));
+    // A plain approve of the other row leaves its key empty.
+    s.bump_fence("j", 1, &[EmojiStatus::Done]).await.unwrap();
+    s.approve_emoji("j", 1, 2).await.unwrap();
+    assert_eq!(job(&s, "j").await.emoji[1].animation_key, None);
+    // Work queued on the row again (a regenerate's pre-flip) drops the old animation.
+    assert_eq!(
+        s.preflip_emoji("j", 0, &[EmojiStatus::Approved])
+            .await
+            .unwrap(),
+        PreflipOutcome::Flipped { fence: 3 }
+    );
+    let row = &job(&s, "j").await.emoji[0];
+    assert_eq!(
+        (row.status, row.animation_key.as_deref()),
+        (EmojiStatus::Pending, None)
+    );
 }
 
 async fn approve_is_fenced_and_approve_all_approves_each_once(ctx: Ctx) {

@@ -542,6 +542,11 @@ impl ApiState {
                 "status": e.status,
                 "fence": e.fence,
                 "url": self.signed(headers, e.image_key.as_deref()).await,
+                "animation_url": self.signed(headers, e.animation_key.as_deref()).await,
+                "animation_apng_url": self.signed(
+                    headers,
+                    e.animation_key.as_deref().and_then(blobs::keys::animation_apng).as_deref(),
+                ).await,
                 "seed": e.seed,
                 "attempts": e.attempts,
                 "error": e.error,

@@ -107,6 +107,24 @@ async fn entries(blobs: &Blobs, job: &JobRecord) -> Result<Vec<(String, String)>
             )));
         }
         out.push((entry_name(e.idx, &e.label), key.to_string()));
+        // An approved emoji's animation, in both formats, when they were written.
+        if let Some(anim) = e.animation_key.as_deref() {
+            let stem = entry_name(e.idx, &e.label);
+            let stem = stem.trim_end_matches(".png");
+            if !blobs.exists(anim).await? {
+                return Err(ApiError::Internal(format!(
+                    "emoji {} of job {} is animated but its animation {anim} is missing",
+                    e.idx, job.id
+                )));
+            }
+            out.push((format!("{stem}.webp"), anim.to_string()));
+            // The APNG is the fallback copy; a row animated before it was written has none.
+            if let Some(apng) = crate::blobs::keys::animation_apng(anim)
+                && blobs.exists(&apng).await?
+            {
+                out.push((format!("{stem}.apng"), apng));
+            }
+        }
     }
     Ok(out)
 }

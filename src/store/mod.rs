@@ -638,7 +638,27 @@ impl Store {
         fence: u64,
     ) -> StoreResult<WriteOutcome> {
         let fence = fence_param(fence)?;
-        with_retry!(self, |b| b.approve_emoji(job_id, idx, fence))
+        with_retry!(self, |b| b.approve_emoji(job_id, idx, fence, None))
+    }
+
+    /// `done → approved` with the row's animation (the key of its animated WebP) written in
+    /// the same fenced statement: a stale animator cannot attach a clip of a replaced image,
+    /// and an approved row never lacks the animation it was approved with. A retry or
+    /// regenerate of the row clears the key again (its pre-flip).
+    pub async fn approve_emoji_animated(
+        &self,
+        job_id: &str,
+        idx: u32,
+        fence: u64,
+        animation_key: &str,
+    ) -> StoreResult<WriteOutcome> {
+        let fence = fence_param(fence)?;
+        with_retry!(self, |b| b.approve_emoji(
+            job_id,
+            idx,
+            fence,
+            Some(animation_key)
+        ))
     }
 
     /// Approves every `done` row of the job at once. Returns the indexes this call approved

@@ -811,6 +811,7 @@ impl Imp {
         job_id: &str,
         idx: u32,
         fence: i64,
+        animation_key: Option<&str>,
     ) -> StoreResult<WriteOutcome> {
         let now = now();
         let mut tx = self.begin_write().await?;
@@ -818,13 +819,15 @@ impl Imp {
             return rollback(tx, WriteOutcome::Missing).await;
         }
         let n = sqlx::query(
-            "UPDATE emoji_results SET status = 'approved', updated_at = $4 \
+            "UPDATE emoji_results \
+             SET status = 'approved', animation_key = COALESCE($5, animation_key), updated_at = $4 \
              WHERE job_id = $1 AND idx = $2 AND fence = $3 AND status = 'done'",
         )
         .bind(job_id)
         .bind(i64::from(idx))
         .bind(fence)
         .bind(ts(now))
+        .bind(animation_key)
         .execute(&mut *tx)
         .await?
         .rows_affected();

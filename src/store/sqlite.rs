@@ -124,7 +124,8 @@ mod sql {
     pub(super) const BALANCE: &str =
         "SELECT COALESCE(SUM(delta), 0) AS balance FROM credit_ledger WHERE user_id = $1";
     pub(super) const PREFLIP: &str = "UPDATE emoji_results \
-         SET status = 'pending', fence = fence + 1, error = NULL, attempts = 0, updated_at = $4 \
+         SET status = 'pending', fence = fence + 1, error = NULL, attempts = 0, \
+             animation_key = NULL, updated_at = $4 \
          WHERE job_id = $1 AND idx = $2 AND status IN (SELECT value FROM json_each($3)) \
          RETURNING fence";
     pub(super) const BUMP_FENCE: &str = "UPDATE emoji_results \
