@@ -223,14 +223,19 @@ impl FeedForward {
     }
 }
 
+/// diffusers' `BasicTransformerBlock` (layer norms, GEGLU): self-attention, then cross-attention
+/// on the text context — or, in a motion module (`double_self_attention`), a second
+/// self-attention — with the sinusoidal position table added after the first two norms.
 #[derive(Debug)]
-struct BasicTransformerBlock {
+pub(crate) struct BasicTransformerBlock {
     norm1: LayerNorm,
     attn1: CrossAttention,
     norm2: LayerNorm,
     attn2: CrossAttention,
     norm3: LayerNorm,
     ff: FeedForward,
+    /// `[1, max_len, dim]` (`pos_embed.pe`), in motion modules only.
+    pos: Option<Tensor>,
 }
 
 impl BasicTransformerBlock {
@@ -248,17 +253,64 @@ impl BasicTransformerBlock {
             attn2: CrossAttention::new(vb.pp("attn2"), dim, context, heads, head_dim)?,
             norm3: candle_nn::layer_norm(dim, 1e-5, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
+            pos: None,
         })
     }
 
-    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+    /// A motion module's block: two self-attentions over the frames, positions `0..max_len`
+    /// from the checkpoint's `pos_embed.pe` when it has one, else computed as diffusers'
+    /// `SinusoidalPositionalEmbedding` does.
+    pub(crate) fn temporal(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        head_dim: usize,
+        max_len: usize,
+    ) -> Result<Self> {
+        let mut block = Self::new(vb.clone(), dim, dim, heads, head_dim)?;
+        let pe = if vb.contains_tensor("pos_embed.pe") {
+            vb.get((1, max_len, dim), "pos_embed.pe")?
+        } else {
+            sinusoidal_positions(max_len, dim, vb.device())?.to_dtype(vb.dtype())?
+        };
+        block.pos = Some(pe);
+        Ok(block)
+    }
+
+    /// `context` `None`: the second attention attends to the tokens themselves.
+    pub(crate) fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let with_pos = |t: Tensor| -> Result<Tensor> {
+            match &self.pos {
+                Some(pe) => t.broadcast_add(&pe.narrow(1, 0, t.dim(1)?)?),
+                None => Ok(t),
+            }
+        };
+        let xs = (self
+            .attn1
+            .forward(&with_pos(self.norm1.forward(xs)?)?, None)?
+            + xs)?;
         let xs = (self
             .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context))?
+            .forward(&with_pos(self.norm2.forward(&xs)?)?, context)?
             + xs)?;
         self.ff.forward(&self.norm3.forward(&xs)?)? + xs
     }
+}
+
+/// `pe[0, p, 2i] = sin(p·w_i)`, `pe[0, p, 2i+1] = cos(p·w_i)`, `w_i = 10000^(-2i/dim)`.
+fn sinusoidal_positions(max_len: usize, dim: usize, device: &Device) -> Result<Tensor> {
+    let mut pe = vec![0f32; max_len * dim];
+    for p in 0..max_len {
+        for i in (0..dim).step_by(2) {
+            let w = (-(i as f64) * (10000f64.ln() / dim as f64)).exp();
+            let a = p as f64 * w;
+            pe[p * dim + i] = a.sin() as f32;
+            if i + 1 < dim {
+                pe[p * dim + i + 1] = a.cos() as f32;
+            }
+        }
+    }
+    Tensor::from_vec(pe, (1, max_len, dim), device)
 }
 
 #[derive(Debug)]
@@ -335,7 +387,7 @@ impl SpatialTransformer {
             Projection::Linear(p) => p.forward(&to_tokens(&normed)?)?,
         };
         for block in &self.blocks {
-            tokens = block.forward(&tokens, context)?;
+            tokens = block.forward(&tokens, Some(context))?;
         }
         let to_image = |t: &Tensor| -> Result<Tensor> {
             let inner = t.dim(2)?;

@@ -10,11 +10,14 @@
 //! The engine is synchronous and owns its device: the daemon runs it on a dedicated OS thread
 //! and talks to it through channels, so no candle call ever blocks an async runtime.
 
+pub mod animate;
 pub mod attention;
 pub mod clip;
 pub mod config;
 pub mod cpu;
 pub mod layers;
+pub mod motion;
+pub mod motion_preset;
 pub mod noise;
 pub mod preset;
 pub mod random_weights;
@@ -402,6 +405,8 @@ pub struct Engine {
     unet_spec: UNetSpec,
     vae: Vae,
     scheduler_spec: SchedulerSpec,
+    /// AnimateDiff's motion modules, once [`Engine::attach_motion`] loaded an adapter.
+    motion: Option<motion::MotionAdapter>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -572,6 +577,7 @@ impl Engine {
             unet_spec,
             vae,
             scheduler_spec,
+            motion: None,
         })
     }
 
@@ -651,6 +657,42 @@ impl Engine {
             } else {
                 None
             },
+        })
+    }
+
+    /// The UNet's conditioning for a batch: with guidance, the negative prompt's rows first
+    /// (`[uncond; cond]`, as diffusers concatenates them), else the prompts' alone.
+    pub(crate) fn guided_conditioning(
+        &self,
+        prompts: &[String],
+        negative: &str,
+        guided: bool,
+    ) -> Result<Conditioning, EngineError> {
+        let n = prompts.len();
+        let cond = self.encode_prompts(prompts)?;
+        if !guided {
+            return Ok(cond);
+        }
+        let uncond = if self.preset.architecture == Architecture::Sdxl && negative.is_empty() {
+            // SDXL repos set `force_zeros_for_empty_prompt`: no negative means zeros.
+            Conditioning {
+                context: cond.context.zeros_like()?,
+                pooled: cond.pooled.as_ref().map(Tensor::zeros_like).transpose()?,
+            }
+        } else {
+            let one = self.encode_prompts(&[negative.to_string()])?;
+            Conditioning {
+                context: one.context.repeat((n, 1, 1))?,
+                pooled: one.pooled.map(|p| p.repeat((n, 1))).transpose()?,
+            }
+        };
+        let pooled = match (uncond.pooled, cond.pooled) {
+            (Some(u), Some(c)) => Some(Tensor::cat(&[&u, &c], 0)?),
+            _ => None,
+        };
+        Ok(Conditioning {
+            context: Tensor::cat(&[&uncond.context, &cond.context], 0)?,
+            pooled,
         })
     }
 
@@ -741,31 +783,8 @@ impl Engine {
         // Text.
         check(Stage::TextEncode, 0, 1)?;
         let t0 = Instant::now();
-        let cond = self.encode_prompts(&req.prompts)?;
-        let (context, pooled) = if guided {
-            let uncond = if self.preset.architecture == Architecture::Sdxl
-                && req.negative_prompt.is_empty()
-            {
-                // SDXL repos set `force_zeros_for_empty_prompt`: no negative means zeros.
-                Conditioning {
-                    context: cond.context.zeros_like()?,
-                    pooled: cond.pooled.as_ref().map(Tensor::zeros_like).transpose()?,
-                }
-            } else {
-                let one = self.encode_prompts(std::slice::from_ref(&req.negative_prompt))?;
-                Conditioning {
-                    context: one.context.repeat((n, 1, 1))?,
-                    pooled: one.pooled.map(|p| p.repeat((n, 1))).transpose()?,
-                }
-            };
-            let pooled = match (uncond.pooled, cond.pooled) {
-                (Some(u), Some(c)) => Some(Tensor::cat(&[&u, &c], 0)?),
-                _ => None,
-            };
-            (Tensor::cat(&[&uncond.context, &cond.context], 0)?, pooled)
-        } else {
-            (cond.context, cond.pooled)
-        };
+        let Conditioning { context, pooled } =
+            self.guided_conditioning(&req.prompts, &req.negative_prompt, guided)?;
         let added = match pooled {
             Some(text_embeds) => Some(AddedCond {
                 time_ids: self.time_ids(text_embeds.dim(0)?, req.width, req.height)?,

@@ -1,6 +1,6 @@
 //! Model presets: which weights a model name means and how to run it.
 //!
-//! A preset is a small TOML file in `models/` (the four shipped ones are also compiled into the
+//! A preset is a small TOML file in `models/` (the shipped ones are also compiled into the
 //! binary, so a deployed worker needs no source tree to know them). It pins where the weights
 //! come from — a Hugging Face repo at a revision, or a local folder for the tiny test model —
 //! the architecture, the files to fetch, and the defaults a request falls back to.
@@ -18,6 +18,7 @@ const EMBEDDED: &[(&str, &str)] = &[
     ("sdxl-turbo", include_str!("../../models/sdxl-turbo.toml")),
     ("sd15", include_str!("../../models/sd15.toml")),
     ("tiny", include_str!("../../models/tiny.toml")),
+    ("tiny-sd15", include_str!("../../models/tiny-sd15.toml")),
 ];
 
 /// The family of the checkpoint: decides the text encoders and how their outputs are used.
@@ -286,7 +287,10 @@ mod tests {
     #[test]
     fn shipped_presets_parse_and_name_their_files() {
         let reg = PresetRegistry::load(Path::new("/nonexistent")).unwrap();
-        assert_eq!(reg.names(), ["sd-turbo", "sd15", "sdxl-turbo", "tiny"]);
+        assert_eq!(
+            reg.names(),
+            ["sd-turbo", "sd15", "sdxl-turbo", "tiny", "tiny-sd15"]
+        );
         let turbo = reg.get("sd-turbo").unwrap();
         assert_eq!(turbo.architecture, Architecture::Sd2);
         assert_eq!(turbo.scheduler, SchedulerKind::EulerAncestral);

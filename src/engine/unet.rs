@@ -18,12 +18,23 @@
 use super::attention::{SpatialTransformer, TransformerConfig};
 use super::config::TextTimeSpec;
 use super::layers::{Conv2d, Downsample, GroupNorm, ResnetBlock, ResnetConfig, Upsample};
+use super::motion::{MotionAdapter, TemporalTransformer};
 use candle_core::{D, Module, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 use candle_transformers::models::stable_diffusion::unet_2d::{
     BlockConfig, UNet2DConditionModelConfig,
 };
+
+/// A level's motion modules and the frames per clip, when the UNet runs with an adapter.
+type Temporal<'a> = Option<(&'a [TemporalTransformer], usize)>;
+
+fn temporal(xs: Tensor, t: Temporal<'_>, j: usize) -> candle_core::Result<Tensor> {
+    match t.and_then(|(m, f)| m.get(j).map(|m| (m, f))) {
+        Some((m, frames)) => m.forward(&xs, frames),
+        None => Ok(xs),
+    }
+}
 
 /// A down block: resnets, each followed by a transformer when the level has cross-attention
 /// (`CrossAttnDownBlock2D`) or not (`DownBlock2D`), then an optional stride-2 downsampler.
@@ -41,6 +52,7 @@ impl DownBlock {
         xs: &Tensor,
         temb: &Tensor,
         context: &Tensor,
+        motion: Temporal<'_>,
     ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         let mut xs = xs.clone();
@@ -49,6 +61,7 @@ impl DownBlock {
             if let Some(a) = self.attentions.get(j) {
                 xs = a.forward(&xs, context)?;
             }
+            xs = temporal(xs, motion, j)?;
             skips.push(xs.clone());
         }
         if let Some(d) = &self.down {
@@ -76,6 +89,7 @@ impl UpBlock {
         temb: &Tensor,
         size: Option<(usize, usize)>,
         context: &Tensor,
+        motion: Temporal<'_>,
     ) -> candle_core::Result<Tensor> {
         let mut xs = xs.clone();
         for (j, r) in self.resnets.iter().enumerate() {
@@ -84,6 +98,7 @@ impl UpBlock {
             if let Some(a) = self.attentions.get(j) {
                 xs = a.forward(&xs, context)?;
             }
+            xs = temporal(xs, motion, j)?;
         }
         match &self.up {
             Some(u) => u.forward(&xs, size),
@@ -324,6 +339,39 @@ impl UNet {
         context: &Tensor,
         added: Option<&AddedCond>,
     ) -> candle_core::Result<Tensor> {
+        self.forward_with(xs, timestep, context, added, None)
+    }
+
+    /// diffusers' `UNetMotionModel`: this UNet with `adapter`'s motion modules, on clips of
+    /// `frames` consecutive rows of `xs` `[clips·frames, c, h, w]`; `context` has one row per
+    /// frame (as the pipeline repeats it). The timestep embedding is the same for every frame,
+    /// so it stays one broadcast row.
+    pub fn forward_motion(
+        &self,
+        xs: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        adapter: &MotionAdapter,
+        frames: usize,
+    ) -> candle_core::Result<Tensor> {
+        if adapter.down.len() != self.down.len() || adapter.up.len() != self.up.len() {
+            candle_core::bail!(
+                "the motion adapter has {} levels, the UNet {}",
+                adapter.down.len(),
+                self.down.len()
+            );
+        }
+        self.forward_with(xs, timestep, context, None, Some((adapter, frames)))
+    }
+
+    fn forward_with(
+        &self,
+        xs: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        added: Option<&AddedCond>,
+        motion: Option<(&MotionAdapter, usize)>,
+    ) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let n = self.config.blocks.len();
         let factor = 1usize << (n - 1);
@@ -356,14 +404,17 @@ impl UNet {
         let xs = self.conv_in.forward(&xs)?;
         let mut skips = vec![xs.clone()];
         let mut xs = xs;
-        for block in &self.down {
-            let (out, res) = block.forward(&xs, &emb, context)?;
+        for (i, block) in self.down.iter().enumerate() {
+            let m = motion.map(|(a, f)| (a.down[i].as_slice(), f));
+            let (out, res) = block.forward(&xs, &emb, context, m)?;
             skips.extend(res);
             xs = out;
         }
         let mut xs = self.mid.resnet.forward(&xs, Some(&emb))?;
-        for (attn, resnet) in &self.mid.pairs {
-            xs = resnet.forward(&attn.forward(&xs, context)?, Some(&emb))?;
+        let mid_motion = motion.map(|(a, f)| (a.mid.as_slice(), f));
+        for (k, (attn, resnet)) in self.mid.pairs.iter().enumerate() {
+            let xa = temporal(attn.forward(&xs, context)?, mid_motion, k)?;
+            xs = resnet.forward(&xa, Some(&emb))?;
         }
         for (i, block) in self.up.iter().enumerate() {
             let res = skips.split_off(skips.len() - block.resnets.len());
@@ -375,7 +426,8 @@ impl UNet {
                 }
                 _ => None,
             };
-            xs = block.forward(&xs, &res, &emb, target, context)?;
+            let m = motion.map(|(a, f)| (a.up[i].as_slice(), f));
+            xs = block.forward(&xs, &res, &emb, target, context, m)?;
         }
         let xs = self.norm_out.forward(&xs, true)?;
         let out = self.conv_out.forward(&xs)?;

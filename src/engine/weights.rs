@@ -11,6 +11,28 @@ use std::path::{Path, PathBuf};
 use super::EngineError;
 use super::preset::{ModelPreset, ModelSource};
 
+/// Something whose files are pinned to one source: a model preset, or an animation preset's
+/// motion adapter. Locating and fetching work the same for both.
+pub trait Pinned {
+    /// The name `models fetch` takes.
+    fn name(&self) -> &str;
+    fn source(&self) -> &ModelSource;
+    /// Every file read, relative to the source's root.
+    fn files(&self) -> Vec<String>;
+}
+
+impl Pinned for ModelPreset {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn source(&self) -> &ModelSource {
+        &self.source
+    }
+    fn files(&self) -> Vec<String> {
+        ModelPreset::files(self)
+    }
+}
+
 /// Absolute paths of every file a preset needs, keyed by their path inside the repo.
 #[derive(Debug, Clone)]
 pub struct ModelFiles {
@@ -41,8 +63,8 @@ impl ModelFiles {
     /// Resolves every file of `preset`: from `override_dir` when given (a diffusers folder such
     /// as a `git clone` of the repo), else the preset's local folder under `models_dir`, else
     /// the Hugging Face cache (`$HF_HOME/hub`, default `~/.cache/huggingface/hub`).
-    pub fn locate(
-        preset: &ModelPreset,
+    pub fn locate<P: Pinned + ?Sized>(
+        preset: &P,
         models_dir: &Path,
         override_dir: Option<&Path>,
     ) -> Result<Self, EngineError> {
@@ -50,14 +72,14 @@ impl ModelFiles {
     }
 
     /// [`ModelFiles::locate`] with an explicit Hugging Face cache folder.
-    pub fn locate_with_cache(
-        preset: &ModelPreset,
+    pub fn locate_with_cache<P: Pinned + ?Sized>(
+        preset: &P,
         models_dir: &Path,
         override_dir: Option<&Path>,
         hub_cache: &Path,
     ) -> Result<Self, EngineError> {
         let wanted = preset.files();
-        let (found, missing): (Vec<_>, Vec<_>) = match (override_dir, &preset.source) {
+        let (found, missing): (Vec<_>, Vec<_>) = match (override_dir, preset.source()) {
             (Some(dir), _) => split_existing(&wanted, |f| Some(dir.join(f))),
             (None, ModelSource::Local { dir }) => {
                 let root = models_dir.join(dir);
@@ -69,23 +91,24 @@ impl ModelFiles {
             }
         };
         if !missing.is_empty() {
-            let (origin, how) = match (override_dir, &preset.source) {
+            let (origin, how) = match (override_dir, preset.source()) {
                 (Some(dir), _) => (
                     dir.display().to_string(),
                     "point --model-dir at a complete diffusers folder".to_string(),
                 ),
                 (None, ModelSource::Local { dir }) => (
                     models_dir.join(dir).display().to_string(),
-                    "run `python3 scripts/make_tiny_model.py` (see its header) to rebuild it"
+                    "run `python3 scripts/make_tiny_model.py` and \
+                     `python3 scripts/make_tiny_motion.py` (see their headers) to rebuild it"
                         .to_string(),
                 ),
                 (None, ModelSource::Hub { repo, revision }) => (
                     format!("{repo}@{revision} in {}", hub_cache.display()),
-                    format!("run `popcon-worker models fetch {}`", preset.name),
+                    format!("run `popcon-worker models fetch {}`", preset.name()),
                 ),
             };
             return Err(EngineError::MissingWeights {
-                model: preset.name.clone(),
+                model: preset.name().to_string(),
                 origin,
                 missing,
                 how,
@@ -134,13 +157,13 @@ fn hub_snapshot_dir(cache: &Path, repo: &str, revision: &str) -> Option<PathBuf>
 
 /// Downloads every file of a hub preset into the Hugging Face cache (progress bars on a
 /// terminal). Returns the files' paths. Honors `HF_HOME`, `HF_ENDPOINT` and the cached token.
-pub fn fetch(preset: &ModelPreset, progress: bool) -> Result<ModelFiles, EngineError> {
-    let (repo, revision) = match &preset.source {
+pub fn fetch<P: Pinned + ?Sized>(preset: &P, progress: bool) -> Result<ModelFiles, EngineError> {
+    let (repo, revision) = match preset.source() {
         ModelSource::Hub { repo, revision } => (repo.clone(), revision.clone()),
         ModelSource::Local { dir } => {
             return Err(EngineError::InvalidRequest(format!(
                 "model `{}` is a local folder (`{dir}` under the models directory); nothing to fetch",
-                preset.name
+                preset.name()
             )));
         }
     };
