@@ -53,6 +53,12 @@ pub struct EngineConfig {
     /// Jobs claimed ahead of the one in the engine (so the engine never waits for a claim,
     /// an upload or a database write). 0: strictly one job at a time.
     pub prefetch: usize,
+    /// Animation preset (`models list`): approve animates with it. Its SD 1.5 base and motion
+    /// adapter stay resident beside the image model.
+    pub animation: String,
+    /// Clips per engine call when approve-all animates a set (memory bounds it: each clip is
+    /// `frames` UNet rows, twice that with guidance).
+    pub animate_batch: usize,
 }
 
 impl Default for EngineConfig {
@@ -65,6 +71,8 @@ impl Default for EngineConfig {
             steps: None,
             strength: None,
             prefetch: 1,
+            animation: defaults::ANIMATION.into(),
+            animate_batch: 2,
         }
     }
 }
@@ -133,6 +141,7 @@ pub mod defaults {
     pub const RESULTS: &str = "./results";
     pub const PREFIX: &str = "popcon:";
     pub const MODEL: &str = "tiny";
+    pub const ANIMATION: &str = "tiny-motion";
     pub const PREFETCH: u32 = 1;
     pub const GRACE_S: u64 = 25;
     pub const LEASE_S: u64 = 30;
@@ -188,6 +197,8 @@ pub struct FileConfig {
     pub device: Option<String>,
     pub steps: Option<u32>,
     pub prefetch: Option<u32>,
+    pub animation: Option<String>,
+    pub animate_batch: Option<u32>,
     pub http: Option<String>,
     pub grace: Option<String>,
     pub lease: Option<String>,
@@ -461,6 +472,12 @@ pub struct RunArgs {
     /// Jobs claimed ahead of the one in the engine (0: one job at a time) [default: 1].
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=8))]
     pub prefetch: Option<u32>,
+    /// Animation preset approve animates with (`models list`) [default: tiny-motion].
+    #[arg(long)]
+    pub animation: Option<String>,
+    /// Clips per engine call when approve-all animates a set [default: 2].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub animate_batch: Option<u32>,
     /// Serve /healthz, /readyz and /metrics here, e.g. 127.0.0.1:9000.
     #[arg(long)]
     pub http: Option<SocketAddr>,
@@ -537,6 +554,10 @@ impl RunArgs {
             .prefetch
             .or(file.ranged("prefetch", f.prefetch, 0..=8)?)
             .unwrap_or(defaults::PREFETCH);
+        let animate_batch = self
+            .animate_batch
+            .or(file.ranged("animate_batch", f.animate_batch, 1..=64)?)
+            .unwrap_or(2);
         let max_deliveries = self
             .max_deliveries
             .or(file.ranged("max_deliveries", f.max_deliveries, 1..=100)?)
@@ -582,6 +603,11 @@ impl RunArgs {
                 steps: steps.map(|s| s as usize),
                 strength: None,
                 prefetch: prefetch as usize,
+                animation: self
+                    .animation
+                    .or_else(|| f.animation.clone())
+                    .unwrap_or_else(|| defaults::ANIMATION.into()),
+                animate_batch: animate_batch as usize,
             },
             http: HttpConfig {
                 addr: self.http.or(file_http),

@@ -153,9 +153,9 @@ pub struct Prices {
     pub generate_set_per_emoji: i64,
     pub retry: i64,
     pub regenerate: i64,
-    /// approve is a database flip, no GPU: free by default.
+    /// approve animates the emoji (the costliest GPU work): priced as regenerate by default.
     pub approve: i64,
-    /// Per emoji approved by approve-all.
+    /// Per emoji approved (and animated) by approve-all.
     pub approve_all_per_emoji: i64,
 }
 
@@ -165,8 +165,8 @@ impl Default for Prices {
             generate_set_per_emoji: 1,
             retry: 1,
             regenerate: 1,
-            approve: 0,
-            approve_all_per_emoji: 0,
+            approve: 1,
+            approve_all_per_emoji: 1,
         }
     }
 }
@@ -183,7 +183,7 @@ impl Prices {
         }
     }
 
-    /// Parses `generate_set=1,retry=1,regenerate=1,approve=0,approve_all=0` (any subset; the
+    /// Parses `generate_set=1,retry=1,regenerate=1,approve=1,approve_all=1` (any subset; the
     /// rest keep their defaults).
     pub fn parse(s: &str) -> Result<Prices, String> {
         let mut p = Prices::default();
@@ -726,6 +726,9 @@ impl Enqueuer {
     ) -> Result<ActionReply, EnqueueError> {
         let action = Action::ApproveAll;
         self.owned_job(user_id, job_id).await?;
+        if action.is_costly() {
+            self.check_off_hours().await?;
+        }
         let work = self.claimed_approve_all(user_id, job_id);
         self.under_claim(job_id, action, None, work).await
     }

@@ -478,7 +478,7 @@ mod tests {
     #[test]
     fn actions_know_their_lane_cost_and_allowed_states() {
         assert!(Action::GenerateSet.is_costly() && Action::Retry.is_costly());
-        assert!(!Action::Approve.is_costly() && !Action::ApproveAll.is_costly());
+        assert!(Action::Approve.is_costly() && Action::ApproveAll.is_costly());
         assert_eq!(Action::Retry.lane(), Lane::Interactive);
         assert_eq!(Action::ApproveAll.lane(), Lane::Bulk);
         assert!(EmojiStatus::Failed.allows(Action::Retry));

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use popcon_worker::engine::animate::AnimateRequest;
 use popcon_worker::engine::config::ModelSpecs;
+use popcon_worker::engine::motion_preset::AnimationRegistry;
 use popcon_worker::engine::preset::{ModelSource, PresetRegistry, SchedulerKind};
 use popcon_worker::engine::weights::{self, ModelFiles};
 use popcon_worker::engine::{
@@ -49,6 +51,8 @@ enum LogFormat {
 enum Command {
     /// Generate images from a prompt (txt2img, or img2img with --init-image).
     Generate(Box<GenerateArgs>),
+    /// Animate a still with an animation preset (AnimateDiff): animated WebP and APNG.
+    Animate(Box<AnimateArgs>),
     /// List, check and fetch model presets.
     Models {
         #[command(subcommand)]
@@ -94,9 +98,10 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum ModelsCommand {
-    /// Every known preset and whether its files are present.
+    /// Every known model and animation preset and whether its files are present.
     List,
-    /// Download a preset's files from the Hugging Face Hub into the local cache.
+    /// Download a preset's files (an animation preset: its motion adapter) from the Hugging
+    /// Face Hub into the local cache.
     Fetch {
         /// Preset name (see `models list`).
         name: String,
@@ -159,6 +164,52 @@ struct GenerateArgs {
     out: PathBuf,
 }
 
+#[derive(Args, Debug)]
+struct AnimateArgs {
+    /// Animation preset (`models list`).
+    #[arg(long, default_value = "tiny-motion")]
+    animation: String,
+    /// The still to animate (PNG, JPEG or WebP); transparency is flattened onto white.
+    #[arg(long)]
+    image: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative: String,
+    /// Seed of the first clip; clip i of the batch uses seed + i.
+    #[arg(long)]
+    seed: u64,
+    /// Frames per clip (default: the preset's).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=64))]
+    frames: Option<u32>,
+    /// Denoising steps before the strength cut (default: the preset's).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    steps: Option<u32>,
+    /// How far the clip may move from the still, in (0, 1] (default: the preset's).
+    #[arg(long)]
+    strength: Option<f64>,
+    /// Classifier-free guidance scale; <= 1 disables it (default: the preset's).
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Output size WIDTHxHEIGHT, multiples of 8 (default: the preset's).
+    #[arg(long)]
+    size: Option<String>,
+    /// Clips in one batch (one UNet batch of clips x frames rows).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    batch: u32,
+    /// Key a plain near-white background to transparency (sticker style).
+    #[arg(long)]
+    alpha_key: bool,
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
+    /// SD 1.5 and the motion adapter at their real size with random weights (benchmarks).
+    #[arg(long)]
+    random_weights: bool,
+    /// Output folder: <seed>.webp and <seed>.apng per clip.
+    #[arg(long)]
+    out: PathBuf,
+}
+
 /// A failure and the exit code it maps to.
 enum Failure {
     Usage(String),
@@ -186,6 +237,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(PresetRegistry::default_models_dir);
     let result = match cli.command {
         Command::Generate(args) => generate(&models_dir, *args),
+        Command::Animate(args) => animate(&models_dir, *args),
         Command::Models { command } => models(&models_dir, command),
         Command::Run(args) => args
             .into_config(cli.models_dir.clone())
@@ -366,6 +418,123 @@ fn generate(models_dir: &Path, args: GenerateArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+fn animate(models_dir: &Path, args: AnimateArgs) -> Result<(), Failure> {
+    let anims = AnimationRegistry::load(models_dir).map_err(anyhow::Error::from)?;
+    let anim = anims
+        .get(&args.animation)
+        .map_err(anyhow::Error::from)?
+        .clone();
+    let registry = PresetRegistry::load(models_dir).map_err(anyhow::Error::from)?;
+    let base = registry
+        .get(&anim.base)
+        .map_err(anyhow::Error::from)?
+        .clone();
+    let d = &anim.defaults;
+    let (width, height) = match &args.size {
+        Some(s) => parse_size(s).map_err(Failure::Usage)?,
+        None => (d.width, d.height),
+    };
+    let bytes = std::fs::read(&args.image).map_err(|e| {
+        Failure::Usage(format!(
+            "--image {}: cannot read it: {e}",
+            args.image.display()
+        ))
+    })?;
+    let still = image::load_from_memory(&bytes)
+        .map_err(|e| Failure::Usage(format!("--image {}: {e}", args.image.display())))?
+        .to_rgba8();
+    let n = args.batch as usize;
+    let req = AnimateRequest {
+        prompts: vec![args.prompt.clone(); n],
+        negative_prompt: args.negative.clone(),
+        seeds: (0..n as u64).map(|i| args.seed.wrapping_add(i)).collect(),
+        stills: vec![popcon_worker::pipeline::sticker::over_white(&still); n],
+        frames: args.frames.map_or(d.frames, |f| f as usize),
+        steps: args.steps.map_or(d.steps, |s| s as usize),
+        guidance: args.guidance.unwrap_or(d.guidance),
+        strength: args.strength.unwrap_or(d.strength),
+        width,
+        height,
+        scheduler: None,
+        timestep_spacing: None,
+        alpha_key: if args.alpha_key {
+            AlphaKey::default()
+        } else {
+            AlphaKey::disabled()
+        },
+    };
+    // Checked before loading: a typo costs no GPU time (the frame limit is checked against
+    // the adapter once it is loaded).
+    req.validate(usize::MAX).map_err(anyhow::Error::from)?;
+    let options = EngineOptions {
+        device: args.device,
+        dtype: None,
+        vae_tiling: VaeTiling::Auto,
+    };
+    let load_start = std::time::Instant::now();
+    let engine = if args.random_weights {
+        let tokenizer = models_dir.join("tiny/tokenizer");
+        let mut e = Engine::with_random_weights(
+            &base,
+            ModelSpecs::reference(base.architecture),
+            &tokenizer,
+            &options,
+        )
+        .context("building the base with random weights")?;
+        e.set_animation_scheduler(&anim);
+        e.attach_random_motion(popcon_worker::engine::motion::MotionSpec::sd15())
+            .context("building the motion adapter with random weights")?;
+        e
+    } else {
+        let base_files =
+            ModelFiles::locate(&base, models_dir, None).map_err(anyhow::Error::from)?;
+        let adapter_files =
+            ModelFiles::locate(&anim, models_dir, None).map_err(anyhow::Error::from)?;
+        Engine::load_animation(&anim, &base, &base_files, &adapter_files, &options)
+            .context("loading the animation model")?
+    };
+    let load = load_start.elapsed();
+    let out = engine
+        .animate(&req, &mut no_observer())
+        .context("animating")?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let write_start = std::time::Instant::now();
+    for (frames, seed) in out.clips.into_iter().zip(&req.seeds) {
+        let files = popcon_worker::pipeline::sticker::sticker_files(frames, d.fps, d.loop_blend)
+            .context("encoding the clip")?;
+        for (ext, data) in [("webp", files.webp), ("apng", files.apng)] {
+            let path = args.out.join(format!("{seed}.{ext}"));
+            std::fs::write(&path, data).with_context(|| format!("writing {}", path.display()))?;
+            println!("wrote {}", path.display());
+        }
+    }
+    let write = write_start.elapsed();
+    let t = out.timings;
+    let ms = |d: Duration| format!("{:>10.1}", d.as_secs_f64() * 1e3);
+    println!(
+        "animation {} on {:?}, {}x{}, {} clip(s) of {} frames, {} steps at strength {}",
+        anim.name, args.device, width, height, n, req.frames, req.steps, req.strength
+    );
+    println!("{:<14}{:>10}", "stage", "ms");
+    for (name, d) in [
+        ("load", load),
+        ("text_encode", t.text_encode),
+        ("vae_encode", t.vae_encode),
+        ("denoise", t.denoise),
+        ("vae_decode", t.vae_decode),
+        ("to_rgba", t.postprocess),
+        ("encode_write", write),
+    ] {
+        println!("{name:<14}{}", ms(d));
+    }
+    println!("{:<14}{}", "total", ms(load + t.total() + write));
+    if let Some(kb) = peak_rss_kib() {
+        println!("{:<14}{:>10.1}", "peak_rss_mib", kb as f64 / 1024.0);
+    }
+    Ok(())
+}
+
 /// The process's peak resident set (`VmHWM`), where the OS reports it (Linux).
 fn peak_rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -403,10 +572,52 @@ fn models(models_dir: &Path, command: ModelsCommand) -> Result<(), Failure> {
                     p.description
                 );
             }
+            let anims = AnimationRegistry::load(models_dir).map_err(anyhow::Error::from)?;
+            println!();
+            println!(
+                "{:<16}{:<11}{:<12}{:<55}adapter",
+                "animation", "base", "files", "description"
+            );
+            for a in anims.iter() {
+                let status = match ModelFiles::locate(a, models_dir, None) {
+                    Ok(_) => "present".to_string(),
+                    Err(EngineError::MissingWeights { missing, .. }) => {
+                        format!("missing {}", missing.len())
+                    }
+                    Err(_) => "error".to_string(),
+                };
+                let source = match &a.source {
+                    ModelSource::Hub { repo, revision } => {
+                        format!("{repo}@{}", &revision[..revision.len().min(12)])
+                    }
+                    ModelSource::Local { dir } => models_dir.join(dir).display().to_string(),
+                };
+                println!(
+                    "{:<16}{:<11}{:<12}{:<55}{source}",
+                    a.name, a.base, status, a.description
+                );
+            }
             println!("hub cache: {}", weights::hub_cache_dir().display());
             Ok(())
         }
         ModelsCommand::Fetch { name } => {
+            let anims = AnimationRegistry::load(models_dir).map_err(anyhow::Error::from)?;
+            if registry.get(&name).is_err()
+                && let Ok(anim) = anims.get(&name)
+            {
+                // An animation preset: its adapter here; its base is a model preset of its own.
+                let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+                weights::fetch(anim, progress).with_context(|| format!("fetching {name}"))?;
+                let base = match registry
+                    .get(&anim.base)
+                    .map(|b| ModelFiles::locate(b, models_dir, None))
+                {
+                    Ok(Ok(_)) => "present".to_string(),
+                    _ => format!("missing: run `popcon-worker models fetch {}`", anim.base),
+                };
+                println!("{name}: adapter files present; base {} {base}", anim.base);
+                return Ok(());
+            }
             let preset = registry.get(&name).map_err(anyhow::Error::from)?;
             let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
             let files =

@@ -42,7 +42,7 @@ pub enum EnqueueCommand {
 /// What actions cost.
 #[derive(Args, Debug, Clone)]
 pub struct PricingArgs {
-    /// Credits per action, e.g. `generate_set=1,retry=1,regenerate=1,approve=0,approve_all=0`
+    /// Credits per action, e.g. `generate_set=1,retry=1,regenerate=1,approve=1,approve_all=1`
     /// (generate_set and approve_all per emoji) [default: those values].
     #[arg(long, env = "POPCON_PRICES", value_parser = Prices::parse)]
     prices: Option<Prices>,

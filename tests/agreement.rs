@@ -337,7 +337,7 @@ fn sdxl_txt2img_without_guidance() -> Result<()> {
 fn animation_engine() -> Result<Engine> {
     let dir = PresetRegistry::default_models_dir();
     let anims = AnimationRegistry::load(&dir)?;
-    let anim = anims.get("tiny")?;
+    let anim = anims.get("tiny-motion")?;
     let reg = PresetRegistry::load(&dir)?;
     let base = reg.get(&anim.base)?;
     Ok(Engine::load_animation(

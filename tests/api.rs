@@ -788,9 +788,15 @@ fn off_hours_answers_429_and_the_flag_always_has_a_ttl() {
     );
     assert_eq!(status, 429);
     assert_eq!(api.balance("fay"), balance);
-    // Approve costs no GPU: still allowed.
-    let (_, body) = post_empty(&api.url(&format!("/api/approve/{job}?idx=0")), Some(&token));
-    assert_eq!(body["status"], "queued", "{body}");
+    // Approve animates the emoji (GPU work): refused too, approve-all as well.
+    for path in [
+        format!("/api/approve/{job}?idx=0"),
+        format!("/api/approve-all/{job}"),
+    ] {
+        let (status, body) = post_empty(&api.url(&path), Some(&token));
+        assert_eq!(status, 429, "{path}: {body}");
+    }
+    assert_eq!(api.balance("fay"), balance, "nothing was charged");
 
     let r = finish_response(authed(agent().get(&url), Some(&admin)).call());
     let (_, body) = read_json(r);
@@ -1922,4 +1928,80 @@ fn an_approved_emojis_animation_is_served_signed_and_zipped_in_both_formats() {
         .read_to_end(&mut webp)
         .unwrap();
     assert_eq!(webp, clip.to_webp().unwrap());
+}
+
+#[test]
+fn approve_animates_for_a_price_refunds_a_failed_animation_and_regenerate_clears_it() {
+    let mut api = Api::start();
+    let token = api.user("kim", 10, false);
+    let job = api.set(&token, &["happy", "sad", "angry"]);
+    api.finish(&job, 0);
+    api.finish(&job, 1);
+    api.fail(&job, 2);
+    let before = api.balance("kim");
+
+    // Only a done emoji can be approved; the refusal charges nothing.
+    let (_, body) = post_empty(&api.url(&format!("/api/approve/{job}?idx=2")), Some(&token));
+    assert_eq!(
+        (body["status"].as_str(), body["current"].as_str()),
+        (Some("wrong_state"), Some("failed")),
+        "{body}"
+    );
+    // A priced approve of emoji 0 (as regenerate by default), and of emoji 1 whose still is
+    // then lost: its animation fails for good.
+    let (_, one) = post_empty(&api.url(&format!("/api/approve/{job}?idx=0")), Some(&token));
+    assert_eq!(
+        (one["status"].as_str(), one["charged"].as_i64()),
+        (Some("queued"), Some(1)),
+        "{one}"
+    );
+    let (_, two) = post_empty(&api.url(&format!("/api/approve/{job}?idx=1")), Some(&token));
+    assert_eq!(two["status"], "queued", "{two}");
+    assert_eq!(api.balance("kim"), before - 2);
+    let still = api.row(&job, 1).image_key.unwrap();
+    std::fs::remove_file(api.dir.path().join("results").join(&still)).unwrap();
+
+    api.start_worker();
+    let view = api.wait_job(&token, &job, "the approval", |b| {
+        b["emoji"][0]["status"] == "approved"
+    });
+    let url = view["emoji"][0]["animation_url"]
+        .as_str()
+        .unwrap_or_else(|| panic!("approved with an animation: {view}"));
+    let r = get_raw(url);
+    assert_eq!(r.header("Content-Type"), Some("image/webp"));
+    // The failed animation: refunded, the still stays done and approvable.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while api.balance("kim") != before - 1 {
+        assert!(
+            Instant::now() < deadline,
+            "emoji 1's approve was never refunded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let row1 = api.row(&job, 1);
+    assert_eq!(row1.status, EmojiStatus::Done, "{row1:?}");
+    assert!(row1.animation_key.is_none());
+    assert_eq!(api.stream_len("dead"), 1, "dead-lettered with its reason");
+
+    // Re-approving the approved emoji is a wrong state (once the double-click claim is gone).
+    api.redis_cmd::<i64>(redis::cmd("DEL").arg(format!("popcon:claim:{job}:approve-0")));
+    let (_, again) = post_empty(&api.url(&format!("/api/approve/{job}?idx=0")), Some(&token));
+    assert_eq!(
+        (again["status"].as_str(), again["current"].as_str()),
+        (Some("wrong_state"), Some("approved")),
+        "{again}"
+    );
+    // Regenerating it makes a new still and drops the old animation.
+    let (_, regen) = post_empty(
+        &api.url(&format!("/api/regenerate/{job}?idx=0")),
+        Some(&token),
+    );
+    assert_eq!(regen["status"], "queued", "{regen}");
+    let fence = regen["fence"].as_u64().unwrap();
+    let view = api.wait_job(&token, &job, "the regenerate", |b| {
+        b["emoji"][0]["status"] == "done" && b["emoji"][0]["fence"] == fence
+    });
+    assert_eq!(view["emoji"][0]["animation_url"], Value::Null, "{view}");
+    assert!(api.row(&job, 0).animation_key.is_none());
 }

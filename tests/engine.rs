@@ -235,7 +235,7 @@ fn animator() -> &'static Engine {
     ENGINE.get_or_init(|| {
         let dir = PresetRegistry::default_models_dir();
         let anims = AnimationRegistry::load(&dir).expect("animation presets");
-        let anim = anims.get("tiny").expect("tiny animation preset");
+        let anim = anims.get("tiny-motion").expect("tiny animation preset");
         let reg = PresetRegistry::load(&dir).expect("presets");
         let base = reg.get(&anim.base).expect("tiny-sd15");
         Engine::load_animation(
@@ -356,7 +356,8 @@ fn animation_progress_counts_steps_and_cancel_stops_between_them() -> Result<()>
 #[test]
 fn bad_animation_input_is_refused_before_any_work() -> Result<()> {
     let e = animator();
-    let cases: Vec<(Box<dyn Fn(&mut AnimateRequest)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut AnimateRequest)>;
+    let cases: Vec<(Edit, &str)> = vec![
         (Box::new(|r| r.frames = 1), "2 to 32 frames"),
         (Box::new(|r| r.frames = 33), "2 to 32 frames"),
         (Box::new(|r| r.width = 60), "multiples of 8"),
@@ -394,7 +395,7 @@ fn bad_animation_input_is_refused_before_any_work() -> Result<()> {
 fn an_adapter_that_does_not_fit_the_base_is_refused_with_the_reason() -> Result<()> {
     let dir = PresetRegistry::default_models_dir();
     let anims = AnimationRegistry::load(&dir)?;
-    let anim = anims.get("tiny")?;
+    let anim = anims.get("tiny-motion")?;
     let reg = PresetRegistry::load(&dir)?;
     // The tiny SD 2.x model has one layer per block; the adapter was made for two.
     let tiny = reg.get("tiny")?;

@@ -415,7 +415,11 @@ fn each_action_survives_a_kill_at(failpoint: &str) {
     });
     assert_eq!(env.charges_on(&job, "approve_all"), 1, "emoji 1 only");
     assert_eq!(env.spent_on(&job, "approve_all"), 5);
-    assert_eq!(env.engine_calls(), 5, "approvals cost no GPU");
+    assert_eq!(
+        env.engine_calls(),
+        7,
+        "each approval animated once: one clip for emoji 0, one batch for emoji 1"
+    );
 
     // Nothing is left for the relay or the reconciler.
     let deadline = Instant::now() + BOUND;

@@ -484,7 +484,7 @@ async fn a_worker_killed_mid_job_is_reclaimed_after_the_lease_and_finished_once(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn regenerate_reuses_the_pose_with_a_new_seed_and_approve_marks_rows() {
+async fn regenerate_reuses_the_pose_with_a_new_seed_and_approve_animates_rows() {
     let h = Harness::new().await;
     let store = h.store().await;
     let queue = h.queue().await;
@@ -541,10 +541,18 @@ async fn regenerate_reuses_the_pose_with_a_new_seed_and_approve_marks_rows() {
         .enqueue(&message(&rec.id, Action::Approve, Some(0), fence))
         .await
         .unwrap();
-    wait_for(&store, &rec.id, "approve", |r| {
+    let one = wait_for(&store, &rec.id, "approve", |r| {
         r.emoji[0].status == EmojiStatus::Approved
     })
     .await;
+    // Approved with its animation, written under the approve's fence.
+    let key0 = one.emoji[0]
+        .animation_key
+        .clone()
+        .expect("approved with its animation");
+    assert_eq!(key0, format!("jobs/{}/anim/0-{fence}.webp", rec.id));
+    assert_eq!(h.engine_calls(), 4, "one clip for the approve");
+    assert!(one.emoji[1].animation_key.is_none());
     queue
         .enqueue(&message(&rec.id, Action::ApproveAll, None, 1))
         .await
@@ -554,7 +562,36 @@ async fn regenerate_reuses_the_pose_with_a_new_seed_and_approve_marks_rows() {
     })
     .await;
     assert_eq!(all.status, JobStatus::Done);
-    assert_eq!(h.engine_calls(), 3, "approvals spend no GPU");
+    assert_eq!(
+        h.engine_calls(),
+        5,
+        "approve-all animated the one done emoji left"
+    );
+    assert_eq!(
+        all.emoji[0].animation_key.as_deref(),
+        Some(key0.as_str()),
+        "kept"
+    );
+    let key1 = all.emoji[1]
+        .animation_key
+        .clone()
+        .expect("animated by approve-all");
+    for key in [&key0, &key1] {
+        let webp = blobs.get(key).await.unwrap();
+        assert_eq!(
+            (&webp[..4], &webp[8..12]),
+            (&b"RIFF"[..], &b"WEBP"[..]),
+            "{key}"
+        );
+        let frames = webp_frames(&webp);
+        assert_eq!(frames, 8, "the tiny preset's 8 frames");
+        let apng_key = popcon_worker::blobs::keys::animation_apng(key).unwrap();
+        let apng = blobs.get(&apng_key).await.unwrap();
+        assert!(
+            apng.windows(4).any(|w| w == b"acTL"),
+            "{apng_key} is an APNG"
+        );
+    }
     drained(&queue).await;
     w.stop().await;
 }
@@ -883,4 +920,18 @@ async fn redis_killed_and_restarted_mid_job_the_job_still_finishes_once() {
     assert_eq!(rec.emoji[0].attempts, 1);
     let worker = w.stop().await;
     assert_eq!(worker.metrics().total("succeeded"), 1);
+}
+
+/// Frames of an animated WebP: its top-level `ANMF` chunks, walking the RIFF chunk list.
+fn webp_frames(webp: &[u8]) -> usize {
+    let mut at = 12;
+    let mut frames = 0;
+    while at + 8 <= webp.len() {
+        let size = u32::from_le_bytes(webp[at + 4..at + 8].try_into().unwrap()) as usize;
+        if &webp[at..at + 4] == b"ANMF" {
+            frames += 1;
+        }
+        at += 8 + size + (size & 1);
+    }
+    frames
 }

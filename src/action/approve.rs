@@ -1,5 +1,7 @@
-//! Approve one done emoji. The row keeps `done` (with a new fence) until the worker's fenced
-//! write makes it `approved`, so a stale message cannot approve a replaced image.
+//! Approve one done emoji: the worker animates it (AnimateDiff, the costliest work there is)
+//! and one fenced write makes it `approved` with its animation. The row keeps `done` (with a
+//! new fence) until then, so a stale message cannot approve or animate a replaced image; the
+//! clip's seed mixes the fence, so a replayed message makes the same clip.
 
 use super::{Preflip, SeedRule, Spec, Step};
 use crate::job::{Action, EmojiStatus, Lane};
@@ -9,11 +11,11 @@ pub const SPEC: Spec = Spec {
     name: "approve",
     from: &[EmojiStatus::Done],
     lane: Lane::Interactive,
-    costly: false,
+    costly: true,
     needs_idx: true,
     price_key: "approve",
     price: |p| p.approve,
-    seed: SeedRule::None,
+    seed: SeedRule::PerFence,
     preflip: Preflip::KeepStatus,
-    step: Step::ApproveOne,
+    step: Step::AnimateOne,
 };

@@ -1,4 +1,6 @@
-//! Approve every done emoji of a set, under one claim for the set, on the bulk lane.
+//! Approve every done emoji of a set, under one claim for the set, on the bulk lane: each is
+//! animated (clips batched as `engine.animate_batch` allows) and approved by its own fenced
+//! write under the fence the enqueue side gave that row.
 
 use super::{Preflip, SeedRule, Spec, Step};
 use crate::job::{Action, EmojiStatus, Lane};
@@ -8,11 +10,11 @@ pub const SPEC: Spec = Spec {
     name: "approve_all",
     from: &[EmojiStatus::Done],
     lane: Lane::Bulk,
-    costly: false,
+    costly: true,
     needs_idx: false,
     price_key: "approve_all",
     price: |p| p.approve_all_per_emoji,
-    seed: SeedRule::None,
+    seed: SeedRule::PerFence,
     preflip: Preflip::KeepStatus,
-    step: Step::ApproveAll,
+    step: Step::AnimateAll,
 };

@@ -6,13 +6,13 @@
 //! |---|---|---|---|---|---|---|---|
 //! | [`generate_set`] | pending (new rows) | bulk | yes | `generate_set` (per emoji) | the set's | creates the rows | render the set |
 //! | [`retry`] | failed | interactive | yes | `retry` | the row's | → pending, new fence | render one |
-//! | [`regenerate`] | done, failed | interactive | yes | `regenerate` | new per fence | → pending, new fence | render one |
-//! | [`approve`] | done | interactive | no | `approve` | — | keeps done, new fence | approve one |
-//! | [`approve_all`] | done | bulk | no | `approve_all` (per emoji) | — | keeps done, new fences | approve all |
+//! | [`regenerate`] | done, failed, approved | interactive | yes | `regenerate` | new per fence | → pending, new fence, animation cleared | render one |
+//! | [`approve`] | done | interactive | yes | `approve` | new per fence | keeps done, new fence | animate one, approve |
+//! | [`approve_all`] | done | bulk | yes | `approve_all` (per emoji) | new per row fence | keeps done, new fences | animate all done, approve each |
 //!
 //! Adding an action: a variant of [`Action`], a file here with its `SPEC`, a line in [`spec`].
-//! What a step *does* (the diffusion pipeline, the approval write) stays with the worker and
-//! the store; the spec says which one runs.
+//! What a step *does* (the diffusion pipelines, the fenced writes) stays with the worker, the
+//! pipelines and the store; the spec says which one runs.
 
 pub mod approve;
 pub mod approve_all;
@@ -50,10 +50,23 @@ pub enum Preflip {
 pub enum Step {
     /// Diffusion: the pose when the set has none, then the message's emoji as one batch.
     Render,
-    /// The fenced approval of one row.
-    ApproveOne,
-    /// The approval of every done row of the set.
-    ApproveAll,
+    /// Animate one done row, then its fenced approval with the animation.
+    AnimateOne,
+    /// The same for every done row of the set, clips batched.
+    AnimateAll,
+}
+
+impl Step {
+    /// Whether the step makes pixels on the GPU (every step does now: animation included).
+    pub fn is_gpu_work(self) -> bool {
+        matches!(self, Step::Render | Step::AnimateOne | Step::AnimateAll)
+    }
+
+    /// Whether a failure fails the rows: a failed render leaves no image, while a failed
+    /// animation leaves the still `done` (refunded, approvable again).
+    pub fn fails_rows(self) -> bool {
+        self == Step::Render
+    }
 }
 
 /// Everything an action is, apart from the code of its step.
@@ -108,9 +121,9 @@ mod tests {
             assert_eq!(s.name, a.as_str());
             assert_eq!(s.price_key, a.as_str());
             assert!(!s.from.is_empty());
-            // An action that makes an image has a seed rule, and only those are costly.
-            assert_eq!(s.costly, s.step == Step::Render, "{a}");
-            assert_eq!(s.seed != SeedRule::None, s.step == Step::Render, "{a}");
+            // Every action makes pixels now (approve animates), so all are costly and seeded.
+            assert_eq!(s.costly, s.step.is_gpu_work(), "{a}");
+            assert_eq!(s.seed != SeedRule::None, s.step.is_gpu_work(), "{a}");
         }
     }
 

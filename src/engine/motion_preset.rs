@@ -26,7 +26,10 @@ const EMBEDDED: &[(&str, &str)] = &[
         "animatediff-v3",
         include_str!("../../models/animations/animatediff-v3.toml"),
     ),
-    ("tiny", include_str!("../../models/animations/tiny.toml")),
+    (
+        "tiny-motion",
+        include_str!("../../models/animations/tiny-motion.toml"),
+    ),
 ];
 
 /// The adapter's files and where they come from.
@@ -251,7 +254,7 @@ mod tests {
     #[test]
     fn shipped_presets_parse_and_name_their_bases() {
         let reg = AnimationRegistry::load(Path::new("/nonexistent")).unwrap();
-        assert_eq!(reg.names(), ["animatediff-v3", "lightning", "tiny"]);
+        assert_eq!(reg.names(), ["animatediff-v3", "lightning", "tiny-motion"]);
         let l = reg.get("lightning").unwrap();
         assert_eq!(l.base, "sd15");
         assert_eq!(l.scheduler, SchedulerKind::Euler);
@@ -260,14 +263,14 @@ mod tests {
         assert_eq!((l.defaults.steps, l.defaults.guidance), (4, 1.0));
         assert!(l.config.is_none(), "Lightning ships no adapter config");
         assert!(matches!(
-            reg.get("tiny").unwrap().source,
+            reg.get("tiny-motion").unwrap().source,
             ModelSource::Local { .. }
         ));
     }
 
     #[test]
     fn bad_presets_say_what_is_wrong() {
-        let ok = include_str!("../../models/animations/tiny.toml");
+        let ok = include_str!("../../models/animations/tiny-motion.toml");
         let cases = [
             (ok.replace("frames = 8", "frames = 1"), "at least 2 frames"),
             (ok.replace("width = 64", "width = 60"), "multiples of 8"),

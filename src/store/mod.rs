@@ -322,9 +322,10 @@ impl OutboxEntry {
             job.emoji.iter().any(|e| {
                 e.idx == idx
                     && e.fence == fence
-                    && if self.action.is_costly() {
+                    && if self.action.spec().step == crate::action::Step::Render {
                         matches!(e.status, EmojiStatus::Pending | EmojiStatus::Running)
                     } else {
+                        // An approval waits while its row is still done (not yet animated).
                         e.status == EmojiStatus::Done
                     }
             })

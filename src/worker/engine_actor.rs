@@ -1,4 +1,5 @@
-//! The engine on its own OS thread.
+//! The engines on their own OS thread: the image model and, when the worker animates, the
+//! animation model (an SD 1.5 base with its motion adapter), both resident.
 //!
 //! candle calls are long and synchronous; on a tokio worker thread one would stall every task
 //! behind it (lease renewals included, which would let another worker reclaim a live job). So
@@ -15,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::engine::animate::AnimateRequest;
+use crate::engine::motion_preset::AnimationPreset;
 use crate::engine::preset::ModelPreset;
 use crate::engine::{Engine, EngineError, Flow, GenerateRequest, Progress, StageTimings};
 
@@ -75,10 +78,42 @@ impl RunControl {
     }
 }
 
+/// What a clip batch returns: per clip, its frames.
+#[derive(Debug)]
+pub struct Animated {
+    pub clips: Vec<Vec<image::RgbaImage>>,
+    pub timings: StageTimings,
+}
+
+enum Work {
+    Generate(
+        GenerateRequest,
+        oneshot::Sender<Result<Rendered, ActorError>>,
+    ),
+    Animate(
+        AnimateRequest,
+        oneshot::Sender<Result<Animated, ActorError>>,
+    ),
+}
+
 struct Job {
-    req: GenerateRequest,
+    work: Work,
     control: RunControl,
-    reply: oneshot::Sender<Result<Rendered, ActorError>>,
+}
+
+/// The models one engine thread holds.
+pub struct Engines {
+    pub image: Engine,
+    /// With its preset; `None`: this worker does not animate.
+    pub animation: Option<(Engine, AnimationPreset)>,
+}
+
+/// What the async side knows of the animation model.
+#[derive(Debug, Clone)]
+pub struct AnimationInfo {
+    pub preset: AnimationPreset,
+    /// The adapter's longest clip.
+    pub max_frames: usize,
 }
 
 /// Counters the actor keeps (for metrics and tests).
@@ -95,6 +130,7 @@ pub struct EngineStats {
 pub struct EngineHandle {
     tx: mpsc::Sender<Job>,
     preset: Arc<ModelPreset>,
+    animation: Option<Arc<AnimationInfo>>,
     stats: Arc<EngineStats>,
 }
 
@@ -105,6 +141,21 @@ impl EngineHandle {
     where
         F: FnOnce() -> Result<Engine, EngineError> + Send + 'static,
     {
+        Self::spawn_engines(move || {
+            Ok(Engines {
+                image: load()?,
+                animation: None,
+            })
+        })
+        .await
+    }
+
+    /// [`EngineHandle::spawn`] for both models: `load` builds the image engine and the
+    /// animation engine, which then share the thread (one generation at a time on the device).
+    pub async fn spawn_engines<F>(load: F) -> Result<EngineHandle, ActorError>
+    where
+        F: FnOnce() -> Result<Engines, EngineError> + Send + 'static,
+    {
         let (tx, mut rx) = mpsc::channel::<Job>(4);
         let (ready_tx, ready_rx) = oneshot::channel();
         let stats = Arc::new(EngineStats::default());
@@ -112,8 +163,8 @@ impl EngineHandle {
         std::thread::Builder::new()
             .name("popcon-engine".into())
             .spawn(move || {
-                let engine = match std::panic::catch_unwind(AssertUnwindSafe(load)) {
-                    Ok(Ok(engine)) => engine,
+                let engines = match std::panic::catch_unwind(AssertUnwindSafe(load)) {
+                    Ok(Ok(engines)) => engines,
                     Ok(Err(e)) => {
                         let _ = ready_tx.send(Err(ActorError::Engine(e)));
                         return;
@@ -123,21 +174,47 @@ impl EngineHandle {
                         return;
                     }
                 };
-                let _ = ready_tx.send(Ok(engine.preset().clone()));
+                let info = engines.animation.as_ref().map(|(e, p)| AnimationInfo {
+                    preset: p.clone(),
+                    max_frames: e.motion_spec().map_or(0, |s| s.max_frames),
+                });
+                let _ = ready_tx.send(Ok((engines.image.preset().clone(), info)));
                 // Ends when every handle is dropped.
                 while let Some(job) = rx.blocking_recv() {
-                    let result = serve(&engine, &job, &thread_stats);
-                    let _ = job.reply.send(result);
+                    serve(&engines, job, &thread_stats);
                 }
                 tracing::info!("engine thread stopped");
             })
             .map_err(|e| ActorError::Engine(EngineError::Device(format!("engine thread: {e}"))))?;
-        let preset = ready_rx.await.map_err(|_| ActorError::Stopped)??;
+        let (preset, animation) = ready_rx.await.map_err(|_| ActorError::Stopped)??;
         Ok(EngineHandle {
             tx,
             preset: Arc::new(preset),
+            animation: animation.map(Arc::new),
             stats,
         })
+    }
+
+    /// The animation model's preset and limits (`None`: this worker does not animate).
+    pub fn animation(&self) -> Option<&AnimationInfo> {
+        self.animation.as_deref()
+    }
+
+    /// Animates one batch of clips on the engine thread.
+    pub async fn animate(
+        &self,
+        req: AnimateRequest,
+        control: RunControl,
+    ) -> Result<Animated, ActorError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Job {
+                work: Work::Animate(req, reply),
+                control,
+            })
+            .await
+            .map_err(|_| ActorError::Stopped)?;
+        rx.await.map_err(|_| ActorError::Stopped)?
     }
 
     /// The loaded model's preset (defaults for steps, size, strength).
@@ -158,9 +235,8 @@ impl EngineHandle {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Job {
-                req,
+                work: Work::Generate(req, reply),
                 control,
-                reply,
             })
             .await
             .map_err(|_| ActorError::Stopped)?;
@@ -184,29 +260,44 @@ impl EngineHandle {
                 while let Some(job) = rx.blocking_recv() {
                     thread_stats.calls.fetch_add(1, Ordering::Relaxed);
                     let started = Instant::now();
-                    let (w, h) = (job.req.width as u32, job.req.height as u32);
-                    let images = (0..job.req.prompts.len())
-                        .map(|_| image::RgbaImage::new(w, h))
-                        .collect();
+                    match job.work {
+                        Work::Generate(req, reply) => {
+                            let (w, h) = (req.width as u32, req.height as u32);
+                            let images = (0..req.prompts.len())
+                                .map(|_| image::RgbaImage::new(w, h))
+                                .collect();
+                            let _ = reply.send(Ok(Rendered {
+                                images,
+                                timings: StageTimings::default(),
+                            }));
+                        }
+                        Work::Animate(req, reply) => {
+                            let (w, h) = (req.width as u32, req.height as u32);
+                            let clips = (0..req.prompts.len())
+                                .map(|_| vec![image::RgbaImage::new(w, h); req.frames])
+                                .collect();
+                            let _ = reply.send(Ok(Animated {
+                                clips,
+                                timings: StageTimings::default(),
+                            }));
+                        }
+                    }
                     thread_stats
                         .busy_micros
                         .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-                    let _ = job.reply.send(Ok(Rendered {
-                        images,
-                        timings: StageTimings::default(),
-                    }));
                 }
             })
             .expect("spawn the no-op engine thread");
         EngineHandle {
             tx,
             preset: Arc::new(preset),
+            animation: None,
             stats,
         }
     }
 }
 
-fn serve(engine: &Engine, job: &Job, stats: &EngineStats) -> Result<Rendered, ActorError> {
+fn serve(engines: &Engines, job: Job, stats: &EngineStats) {
     stats.calls.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
     let cancel = job.control.cancel.clone();
@@ -220,20 +311,41 @@ fn serve(engine: &Engine, job: &Job, stats: &EngineStats) -> Result<Rendered, Ac
             Flow::Continue
         }
     };
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        engine.generate(&job.req, &mut observer)
-    }));
+    match job.work {
+        Work::Generate(req, reply) => {
+            let r = guarded(|| engines.image.generate(&req, &mut observer)).map(|g| Rendered {
+                images: g.images,
+                timings: g.timings,
+            });
+            let _ = reply.send(r);
+        }
+        Work::Animate(req, reply) => {
+            let r = match &engines.animation {
+                Some((engine, _)) => {
+                    guarded(|| engine.animate(&req, &mut observer)).map(|a| Animated {
+                        clips: a.clips,
+                        timings: a.timings,
+                    })
+                }
+                None => Err(ActorError::Engine(EngineError::InvalidRequest(
+                    "this worker loaded no animation model (see --animation)".into(),
+                ))),
+            };
+            let _ = reply.send(r);
+        }
+    }
     let busy = started
         .elapsed()
         .min(Duration::from_secs(u64::MAX / 1_000_000));
     stats
         .busy_micros
         .fetch_add(busy.as_micros() as u64, Ordering::Relaxed);
-    match result {
-        Ok(Ok(g)) => Ok(Rendered {
-            images: g.images,
-            timings: g.timings,
-        }),
+}
+
+/// Runs one engine call, turning a panic into this request's error.
+fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, ActorError> {
+    match std::panic::catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(ActorError::Engine(e)),
         Err(p) => {
             let text = panic_text(&*p);

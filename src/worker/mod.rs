@@ -57,19 +57,21 @@ use tracing::Instrument;
 use crate::action::Step;
 use crate::blobs::{self, BlobError, Blobs};
 use crate::config::WorkerConfig;
+use crate::engine::motion_preset::AnimationRegistry;
 use crate::engine::preset::PresetRegistry;
 use crate::engine::weights::ModelFiles;
-use crate::engine::{Engine, EngineOptions, GenerateRequest, Progress, Stage};
-use crate::job::{Action, ValidJob, charge_key};
+use crate::engine::{Engine, EngineOptions, GenerateRequest, Progress, Stage, StageTimings};
+use crate::job::{Action, EmojiStatus, ValidJob, charge_key};
+use crate::pipeline::animation::AnimationError;
 use crate::pipeline::post::{self, ImageError, ImageLimits};
 use crate::pipeline::prompt::PromptError;
-use crate::pipeline::set;
+use crate::pipeline::{set, sticker};
 use crate::queue::{DeadLetterOutcome, Delivery, Lease, OwnedOutcome, Queue, QueueError, RunGuard};
 use crate::store::{
     EmojiOutcome, JobRecord, RefundOutcome, StartOutcome, Store, StoreError, StoreOptions,
     Thumbnail, WriteOutcome,
 };
-use engine_actor::{ActorError, EngineHandle, Rendered, RunControl};
+use engine_actor::{ActorError, EngineHandle, Engines, Rendered, RunControl};
 use metrics::{Metrics, inc};
 pub use shutdown::{Shutdown, ShutdownTrigger, shutdown_channel};
 
@@ -88,6 +90,8 @@ pub enum WorkerError {
     Prompt(#[from] PromptError),
     #[error("image: {0}")]
     Image(#[from] ImageError),
+    #[error("animation: {0}")]
+    Animation(#[from] AnimationError),
     #[error("job `{0}` does not exist")]
     JobMissing(String),
     #[error("configuration: {0}")]
@@ -104,6 +108,7 @@ impl WorkerError {
             WorkerError::Blob(e) => e.is_retryable(),
             WorkerError::Prompt(_)
             | WorkerError::Image(_)
+            | WorkerError::Animation(_)
             | WorkerError::JobMissing(_)
             | WorkerError::Config(_) => false,
         }
@@ -169,27 +174,44 @@ impl std::fmt::Debug for Worker {
     }
 }
 
-/// Loads the configured model on a new engine thread.
+/// Loads the configured image model and animation model on a new engine thread. Both stay
+/// resident: approve (animation) and the set pipeline share one worker and one queue lane
+/// set, so a worker that could do only one of them would block the other's entries behind
+/// its own (see the README's "Models").
 pub async fn spawn_engine(cfg: &WorkerConfig) -> Result<EngineHandle, WorkerError> {
     let e = cfg.engine.clone();
     let registry = PresetRegistry::load(&e.models_dir).map_err(ActorError::from)?;
     let preset = registry.get(&e.model).map_err(ActorError::from)?.clone();
     let files = ModelFiles::locate(&preset, &e.models_dir, e.model_dir.as_deref())
         .map_err(ActorError::from)?;
+    let anims = AnimationRegistry::load(&e.models_dir).map_err(ActorError::from)?;
+    let anim = anims.get(&e.animation).map_err(ActorError::from)?.clone();
+    let base = registry.get(&anim.base).map_err(ActorError::from)?.clone();
+    // Both located before anything loads: a missing download is one error at start-up.
+    let base_files = ModelFiles::locate(&base, &e.models_dir, None).map_err(ActorError::from)?;
+    let adapter_files = ModelFiles::locate(&anim, &e.models_dir, None).map_err(ActorError::from)?;
     let started = Instant::now();
-    let handle = EngineHandle::spawn(move || {
-        Engine::load(
-            &preset,
-            &files,
-            &EngineOptions {
-                device: e.device,
-                dtype: None,
-                ..Default::default()
-            },
-        )
+    let handle = EngineHandle::spawn_engines(move || {
+        let options = EngineOptions {
+            device: e.device,
+            dtype: None,
+            ..Default::default()
+        };
+        let image = Engine::load(&preset, &files, &options)?;
+        let animation =
+            Engine::load_animation(&anim, &base, &base_files, &adapter_files, &options)?;
+        Ok(Engines {
+            image,
+            animation: Some((animation, anim)),
+        })
     })
     .await?;
-    tracing::info!(model = %handle.preset().name, took = ?started.elapsed(), "model loaded");
+    tracing::info!(
+        model = %handle.preset().name,
+        animation = handle.animation().map_or("", |a| a.preset.name.as_str()),
+        took = ?started.elapsed(),
+        "models loaded"
+    );
     Ok(handle)
 }
 
@@ -579,7 +601,13 @@ impl Worker {
                 .emoji
                 .iter()
                 .filter(|e| job.idx.is_none_or(|i| i == e.idx))
-                .all(|e| e.fence != job.fence || (job.action.is_costly() && e.status.is_settled())),
+                .all(|e| match job.action.spec().step {
+                    Step::Render => e.fence != job.fence || e.status.is_settled(),
+                    // An approval is done when the row left `done` (approved, or replaced).
+                    Step::AnimateOne => e.fence != job.fence || e.status != EmojiStatus::Done,
+                    // Each row carries the fence approve-all gave it; any still done is work.
+                    Step::AnimateAll => e.status != EmojiStatus::Done,
+                }),
             Ok(None) => false,
             Err(e) => {
                 tracing::warn!(error = %e, "could not read the job to judge staleness");
@@ -671,8 +699,8 @@ impl Worker {
     }
 
     async fn mark_failed(&self, job: &ValidJob, reason: &str) {
-        if !job.action.is_costly() {
-            return; // approve failures leave the row as it was (done)
+        if !job.action.spec().step.fails_rows() {
+            return; // a failed animation leaves the still as it was (done, approvable)
         }
         let r = match job.idx {
             Some(idx) => self
@@ -698,27 +726,7 @@ impl Worker {
         shutdown: &Shutdown,
     ) -> Result<Finished, Stop> {
         match job.action.spec().step {
-            Step::ApproveOne => {
-                let idx = job.idx.unwrap_or(0);
-                Ok(
-                    match self
-                        .store
-                        .approve_emoji(&job.job_id, idx, job.fence)
-                        .await?
-                    {
-                        WriteOutcome::Written { .. } => Finished::Done,
-                        WriteOutcome::Superseded { .. } => Finished::Superseded,
-                        WriteOutcome::WrongState(_) => Finished::AlreadyHandled,
-                        WriteOutcome::Missing => {
-                            return Err(WorkerError::JobMissing(job.job_id.clone()).into());
-                        }
-                    },
-                )
-            }
-            Step::ApproveAll => match self.store.approve_all(&job.job_id).await? {
-                Some(_) => Ok(Finished::Done),
-                None => Err(WorkerError::JobMissing(job.job_id.clone()).into()),
-            },
+            Step::AnimateOne | Step::AnimateAll => self.animate(job, claim, shutdown).await,
             Step::Render => self.diffuse(job, claim, shutdown).await,
         }
     }
@@ -846,6 +854,143 @@ impl Worker {
         Ok(Finished::Done)
     }
 
+    /// approve / approve-all: animate the done rows the message names, then approve each with
+    /// its animation in one fenced write. Clips go to the engine `engine.animate_batch` at a
+    /// time; each batch re-checks that its rows are still `done` under their fence first, so
+    /// a row regenerated meanwhile costs no GPU time.
+    async fn animate(
+        &self,
+        job: &ValidJob,
+        claim: &Claim<'_>,
+        shutdown: &Shutdown,
+    ) -> Result<Finished, Stop> {
+        let info =
+            self.engine.animation().cloned().ok_or_else(|| {
+                WorkerError::Config("this worker loaded no animation model".into())
+            })?;
+        let rec = self
+            .store
+            .get_job(&job.job_id)
+            .await?
+            .ok_or_else(|| WorkerError::JobMissing(job.job_id.clone()))?;
+        let mut targets: Vec<(u32, u64)> = Vec::new();
+        match job.idx {
+            Some(idx) => {
+                let row = rec.emoji.iter().find(|e| e.idx == idx).ok_or_else(|| {
+                    WorkerError::JobMissing(format!("{} emoji {idx}", job.job_id))
+                })?;
+                if row.fence > job.fence {
+                    return Ok(Finished::Superseded);
+                }
+                if row.fence != job.fence || row.status != EmojiStatus::Done {
+                    tracing::debug!(
+                        idx,
+                        status = row.status.as_str(),
+                        "row is not done under this fence"
+                    );
+                    return Ok(Finished::AlreadyHandled);
+                }
+                targets.push((idx, row.fence));
+            }
+            None => targets.extend(
+                rec.emoji
+                    .iter()
+                    .filter(|e| e.status == EmojiStatus::Done)
+                    .map(|e| (e.idx, e.fence)),
+            ),
+        }
+        if targets.is_empty() {
+            return Ok(Finished::AlreadyHandled);
+        }
+        let batch = self.cfg.engine.animate_batch.max(1);
+        let mut written = 0usize;
+        for chunk in targets.chunks(batch) {
+            // Fresh rows right before the costly call: a stalled worker may resume late.
+            let now = self
+                .store
+                .get_job(&job.job_id)
+                .await?
+                .ok_or_else(|| WorkerError::JobMissing(job.job_id.clone()))?;
+            let mut rows = Vec::with_capacity(chunk.len());
+            for &(idx, fence) in chunk {
+                match now.emoji.iter().find(|e| e.idx == idx) {
+                    Some(e) if e.fence == fence && e.status == EmojiStatus::Done => {
+                        let key = e.image_key.clone().ok_or_else(|| {
+                            WorkerError::Config(format!("done emoji {idx} has no image"))
+                        })?;
+                        rows.push((idx, fence, e.label.clone(), key));
+                    }
+                    _ => tracing::info!(idx, "row moved on before its animation; skipped"),
+                }
+            }
+            if rows.is_empty() {
+                continue;
+            }
+            let mut stills = Vec::with_capacity(rows.len());
+            for (_, _, _, key) in &rows {
+                let bytes = self.blobs.get(key).await?;
+                let img = image::load_from_memory(&bytes)
+                    .map_err(|e| ImageError::Decode(format!("stored emoji {key}: {e}")))?
+                    .to_rgba8();
+                stills.push(img);
+            }
+            let sticker_rows: Vec<sticker::StickerRow<'_>> = rows
+                .iter()
+                .zip(&stills)
+                .map(|((idx, fence, label, _), still)| sticker::StickerRow {
+                    idx: *idx,
+                    label,
+                    fence: *fence,
+                    still,
+                })
+                .collect();
+            let sticker::StickerBatch { request, .. } = sticker::animate_request(
+                &info.preset,
+                set_spec(&rec),
+                &sticker_rows,
+                job.action.spec().seed,
+            )?;
+            let slots: Vec<Option<u32>> = rows.iter().map(|r| Some(r.0)).collect();
+            let animated = self
+                .animate_clips(request, job, &slots, claim, shutdown)
+                .await?;
+            for ((idx, fence, _, _), frames) in rows.iter().zip(animated.clips) {
+                let files = sticker::sticker_files(
+                    frames,
+                    info.preset.defaults.fps,
+                    info.preset.defaults.loop_blend,
+                )?;
+                let upload = Instant::now();
+                let key = blobs::keys::animation(&job.job_id, *idx, *fence);
+                self.blobs.put(&key, files.webp).await?;
+                if let Some(apng) = blobs::keys::animation_apng(&key) {
+                    self.blobs.put(&apng, files.apng).await?;
+                }
+                self.metrics.observe("upload", upload.elapsed());
+                let write = Instant::now();
+                match self
+                    .store
+                    .approve_emoji_animated(&job.job_id, *idx, *fence, &key)
+                    .await?
+                {
+                    WriteOutcome::Written { .. } => written += 1,
+                    WriteOutcome::Missing => {
+                        return Err(WorkerError::JobMissing(job.job_id.clone()).into());
+                    }
+                    other => {
+                        tracing::info!(idx, outcome = ?other, "animation not written (row moved on)")
+                    }
+                }
+                self.metrics.observe("db_write", write.elapsed());
+            }
+        }
+        Ok(if written > 0 || job.idx.is_none() {
+            Finished::Done
+        } else {
+            Finished::Superseded
+        })
+    }
+
     /// The set's pose image: the stored one when there is one, else generated (img2img from
     /// the reference when the job has one) and stored with its key on the job.
     async fn pose_image(
@@ -915,10 +1060,82 @@ impl Worker {
         claim: &Claim<'_>,
         shutdown: &Shutdown,
     ) -> Result<Rendered, Stop> {
-        let job_id = job.job_id.as_str();
-        let (control, mut progress) = RunControl::new();
+        let (control, progress) = RunControl::new();
         let cancel = control.cancel.clone();
         let fut = self.engine.generate(req, control);
+        let r = self
+            .supervise(
+                fut,
+                cancel,
+                progress,
+                job,
+                slots,
+                (what, 1),
+                claim,
+                shutdown,
+            )
+            .await?;
+        self.observe_timings(&r.timings);
+        Ok(r)
+    }
+
+    /// [`Worker::render`] for a batch of clips: progress counts frames × steps.
+    #[allow(clippy::too_many_arguments)]
+    async fn animate_clips(
+        &self,
+        req: crate::engine::animate::AnimateRequest,
+        job: &ValidJob,
+        slots: &[Option<u32>],
+        claim: &Claim<'_>,
+        shutdown: &Shutdown,
+    ) -> Result<engine_actor::Animated, Stop> {
+        let frames = req.frames as u32;
+        let (control, progress) = RunControl::new();
+        let cancel = control.cancel.clone();
+        let fut = self.engine.animate(req, control);
+        let r = self
+            .supervise(
+                fut,
+                cancel,
+                progress,
+                job,
+                slots,
+                ("animate", frames),
+                claim,
+                shutdown,
+            )
+            .await?;
+        self.observe_timings(&r.timings);
+        Ok(r)
+    }
+
+    fn observe_timings(&self, t: &StageTimings) {
+        for (stage, d) in [
+            ("text_encode", t.text_encode),
+            ("vae_encode", t.vae_encode),
+            ("denoise", t.denoise),
+            ("vae_decode", t.vae_decode),
+        ] {
+            self.metrics.observe(stage, d);
+        }
+    }
+
+    /// Awaits an engine call while writing its progress (denoise steps scaled by `scale`:
+    /// the frames of a clip), polling cancellation, watching the lease and enforcing the
+    /// shutdown grace.
+    #[allow(clippy::too_many_arguments)]
+    async fn supervise<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, ActorError>>,
+        cancel: Arc<std::sync::atomic::AtomicBool>,
+        mut progress: tokio::sync::watch::Receiver<Option<Progress>>,
+        job: &ValidJob,
+        slots: &[Option<u32>],
+        (what, scale): (&str, u32),
+        claim: &Claim<'_>,
+        shutdown: &Shutdown,
+    ) -> Result<T, Stop> {
+        let job_id = job.job_id.as_str();
         tokio::pin!(fut);
         let mut poll = tokio::time::interval(Duration::from_millis(250));
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -936,7 +1153,7 @@ impl Worker {
                     }
                     let p = *progress.borrow_and_update();
                     if let Some(p) = p {
-                        self.write_progress(job_id, slots, what, p).await;
+                        self.write_progress(job_id, slots, what, scale, p).await;
                     }
                 }
                 _ = poll.tick(), if stop.is_none() => {
@@ -976,18 +1193,7 @@ impl Worker {
             }
         };
         match result {
-            Ok(r) => {
-                let t = r.timings;
-                for (stage, d) in [
-                    ("text_encode", t.text_encode),
-                    ("vae_encode", t.vae_encode),
-                    ("denoise", t.denoise),
-                    ("vae_decode", t.vae_decode),
-                ] {
-                    self.metrics.observe(stage, d);
-                }
-                Ok(r)
-            }
+            Ok(r) => Ok(r),
             Err(e) if e.is_cancelled() => Err(stop.unwrap_or(Stop::Cancelled)),
             Err(e) => Err(e.into()),
         }
@@ -1021,7 +1227,19 @@ impl Worker {
         }
     }
 
-    async fn write_progress(&self, job_id: &str, slots: &[Option<u32>], what: &str, p: Progress) {
+    async fn write_progress(
+        &self,
+        job_id: &str,
+        slots: &[Option<u32>],
+        what: &str,
+        scale: u32,
+        p: Progress,
+    ) {
+        // Denoising a clip works on all its frames at each step: frames × steps in all.
+        let (step, total) = match p.stage {
+            Stage::Denoise => (p.step as u32 * scale, p.total as u32 * scale),
+            _ => (p.step as u32, p.total as u32),
+        };
         let stage = match p.stage {
             Stage::TextEncode => "text_encode",
             Stage::VaeEncode => "vae_encode",
@@ -1032,7 +1250,7 @@ impl Worker {
         for &slot in slots {
             if let Err(e) = self
                 .queue
-                .set_progress(job_id, slot, p.step as u32, p.total as u32, &stage)
+                .set_progress(job_id, slot, step, total, &stage)
                 .await
             {
                 tracing::debug!(error = %e, "progress not written");

@@ -141,7 +141,7 @@ async fn give_up(
         entry.publishes
     );
     tracing::error!(outbox = %entry.id, %reason);
-    if entry.action.is_costly() {
+    if entry.action.spec().step.fails_rows() {
         for &(idx, fence) in &entry.targets {
             store.fail_emoji(&entry.job_id, idx, fence, &reason).await?;
         }
