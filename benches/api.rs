@@ -5,7 +5,7 @@
 //!
 //! `cargo bench --bench api` (`-- N` for N requests per row, default 300). Prints a table.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use popcon_worker::blobs::{Blobs, BlobsConfig};
@@ -15,27 +15,9 @@ use popcon_worker::queue::{Queue, QueueConfig};
 use popcon_worker::store::Store;
 use serde_json::{Value, json};
 
-struct Redis(Child);
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
+#[path = "support/mod.rs"]
+mod support;
+use support::{Proc, free_port, percentile};
 
 fn main() {
     let n: usize = std::env::args()
@@ -44,7 +26,7 @@ fn main() {
         .unwrap_or(300);
     let port = free_port();
     let dir = tempfile::tempdir().expect("temp dir");
-    let _redis = Redis(
+    let _redis = Proc(
         Command::new(std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into()))
             .args([
                 "--port",

@@ -15,6 +15,8 @@
 #              (default "cuda": the GPU-only tests live in `cuda` modules)
 #   bench      the engine bench's CUDA groups (real-size sd-turbo / sdxl-turbo, images/s)
 #   generate   `popcon-worker generate --device cuda` with the tiny model, batch 4
+#   animate    `popcon-worker animate --device cuda`: a Lightning clip in the real shapes
+#              (random weights, 512², 16 frames), then the tiny animation preset
 #
 # Environment: GPU_DIST (default gpu-dist), GPU_TEST_FILTERS (default "cuda"), STEP_TIMEOUT
 # (seconds per step, default 240), CUDA_LIBS (extra dirs holding CUDA 13 libraries, ':'-separated),
@@ -222,10 +224,41 @@ hook_generate() {
     fi
 }
 
+# `popcon-worker animate` on the GPU: approve's clip in its real shapes (SD 1.5 + the SD 1.5
+# motion adapter, random weights, f16), Lightning's settings, 16 frames at 512², with the
+# stage times and the process's peak host RSS; then the tiny preset end to end.
+hook_animate() {
+    local b="$work/bin/bin-popcon-worker"
+    if [[ ! -x "$b" ]]; then
+        record animate FAIL 0 "no bin-popcon-worker packed"
+        return
+    fi
+    local start=$SECONDS log="$logs/animate.log" out="$logs/animate"
+    POPCON_MODELS_DIR="$repo/models" timeout "$step_timeout" "$b" animate --animation lightning \
+        --random-weights --device cuda --image "$repo/tests/fixtures/tiny/init.png" \
+        --prompt "a red fox, happy expression, sticker" --seed 1 --alpha-key \
+        --out "$out" 2>&1 | tee "$log"
+    local rc=${PIPESTATUS[0]}
+    POPCON_MODELS_DIR="$repo/models" timeout "$step_timeout" "$b" animate --animation tiny-motion \
+        --device cuda --image "$repo/tests/fixtures/tiny/init.png" --prompt "a red fox" \
+        --seed 1 --out "$out/tiny" 2>&1 | tee -a "$log"
+    local rc2=${PIPESTATUS[0]}
+    local denoise total
+    denoise="$(awk '$1 == "denoise" {print $2 " ms"; exit}' "$log")"
+    total="$(awk '$1 == "total" {print $2 " ms"; exit}' "$log")"
+    if ((rc == 0 && rc2 == 0)) && [[ -f "$out/1.webp" && -f "$out/tiny/1.webp" ]]; then
+        record animate ok $((SECONDS - start)) "lightning 512² x16 on cuda: denoise ${denoise:-?}, total ${total:-?}; tiny ok"
+    else
+        record animate FAIL $((SECONDS - start)) "exit $rc / $rc2 (see animate.log)"
+    fi
+}
+
 say "bench"
 hook_bench
 say "generate"
 hook_generate
+say "animate"
+hook_animate
 
 # --- table ------------------------------------------------------------------------------------
 

@@ -48,7 +48,7 @@ use crate::blobs::{self, BlobError, Blobs};
 use crate::job::{Action, EmojiStatus, MAX_EMOJI};
 use crate::pipeline::post::{self, ImageError, ImageLimits};
 use crate::pipeline::prompt::{self, PromptError};
-use crate::queue::{CLAIM_TTL, OFF_HOURS_MAX_TTL, Queue, QueueError};
+use crate::queue::{OFF_HOURS_MAX_TTL, Queue, QueueError};
 use crate::store::{
     Charge, Charged, JobRecord, NewJob, OutboxEntry, PreflipOutcome, RefundOutcome, Store,
     StoreError,
@@ -919,13 +919,15 @@ impl Enqueuer {
         }
         let queue = self.queue.clone();
         let job_id = job_id.to_string();
+        // The configured TTL (`--claim-ttl`): past it the claim is gone and trying is moot.
+        let ttl = queue.config().claim_ttl;
         tokio::spawn(async move {
             use backon::Retryable;
             let backoff = backon::ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(200))
                 .with_max_delay(Duration::from_secs(5))
                 .without_max_times()
-                .with_total_delay(Some(CLAIM_TTL));
+                .with_total_delay(Some(ttl));
             let release = || queue.release_claim(&job_id, action, idx);
             if release
                 .retry(backoff)

@@ -206,48 +206,21 @@ impl Api {
         body["id"].as_str().unwrap().to_string()
     }
 
-    /// What a worker would do, without one: settle emoji `idx` (fence 1) done, with real PNGs.
+    /// What a worker would do, without one: settle emoji `idx` done, with real PNGs.
     fn finish(&self, job: &str, idx: u32) {
-        self.rt.block_on(async {
-            let fence = self.store.get_job(job).await.unwrap().unwrap().emoji[idx as usize].fence;
-            self.store.start_emoji(job, idx, fence).await.unwrap();
-            let img = image::RgbaImage::from_pixel(16, 16, image::Rgba([200, 10, 10, 255]));
-            let key = blobs::keys::emoji(job, idx, fence);
-            self.blobs
-                .put(&key, post::encode_png(&img).unwrap())
-                .await
-                .unwrap();
-            let thumb_key = blobs::keys::thumb(job, idx, fence);
-            self.blobs
-                .put(&thumb_key, post::encode_png(&img).unwrap())
-                .await
-                .unwrap();
-            self.store
-                .finish_emoji(&EmojiOutcome {
-                    job_id: job.into(),
-                    idx,
-                    fence,
-                    image_key: key,
-                    seed: 1,
-                    thumbnail: (idx == 0).then(|| Thumbnail {
-                        path: self.blobs.public_url(&thumb_key).unwrap(),
-                        key: thumb_key.clone(),
-                    }),
-                })
-                .await
-                .unwrap();
-        });
+        self.rt.block_on(common::rows::finish(
+            &self.store,
+            &self.blobs,
+            job,
+            idx,
+            16,
+            None,
+        ));
     }
 
     fn fail(&self, job: &str, idx: u32) {
-        self.rt.block_on(async {
-            let fence = self.store.get_job(job).await.unwrap().unwrap().emoji[idx as usize].fence;
-            self.store.start_emoji(job, idx, fence).await.unwrap();
-            self.store
-                .fail_emoji(job, idx, fence, "the GPU said no")
-                .await
-                .unwrap();
-        });
+        self.rt
+            .block_on(common::rows::fail(&self.store, job, idx, "the GPU said no"));
     }
 
     fn row(&self, job: &str, idx: usize) -> popcon_worker::store::EmojiRecord {

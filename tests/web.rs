@@ -21,13 +21,12 @@ use axum::response::{IntoResponse, Response};
 use common::redis_server::RedisServer;
 use common::worker_config::{db_url, queue_config};
 use fantoccini::{Client, ClientBuilder, Locator};
-use popcon_worker::blobs::{self, Blobs, BlobsConfig};
+use popcon_worker::blobs::{Blobs, BlobsConfig};
 use popcon_worker::enqueue::{EnqueueConfig, Enqueuer};
 use popcon_worker::http::api::{ApiConfig, ApiState};
 use popcon_worker::http::events::EventsConfig;
-use popcon_worker::pipeline::post;
 use popcon_worker::queue::Queue;
-use popcon_worker::store::{EmojiOutcome, Store, Thumbnail};
+use popcon_worker::store::Store;
 use popcon_worker::worker::{ShutdownTrigger, Worker, shutdown_channel};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
@@ -331,44 +330,11 @@ impl Env {
     /// What a worker would do: settle emoji `idx` done with a real PNG (the thumbnail columns
     /// set from emoji 0 unless `thumbnail_path` overrides the path).
     async fn finish(&self, job: &str, idx: u32, thumbnail_path: Option<&str>) {
-        let fence = self.store.get_job(job).await.unwrap().unwrap().emoji[idx as usize].fence;
-        self.store.start_emoji(job, idx, fence).await.unwrap();
-        let img = image::RgbaImage::from_pixel(64, 64, image::Rgba([200, 60, 10, 255]));
-        let key = blobs::keys::emoji(job, idx, fence);
-        self.blobs
-            .put(&key, post::encode_png(&img).unwrap())
-            .await
-            .unwrap();
-        let thumb_key = blobs::keys::thumb(job, idx, fence);
-        self.blobs
-            .put(&thumb_key, post::encode_png(&img).unwrap())
-            .await
-            .unwrap();
-        self.store
-            .finish_emoji(&EmojiOutcome {
-                job_id: job.into(),
-                idx,
-                fence,
-                image_key: key,
-                seed: 1,
-                thumbnail: (idx == 0).then(|| Thumbnail {
-                    path: thumbnail_path
-                        .map(str::to_string)
-                        .unwrap_or_else(|| self.blobs.public_url(&thumb_key).unwrap()),
-                    key: thumb_key.clone(),
-                }),
-            })
-            .await
-            .unwrap();
+        common::rows::finish(&self.store, &self.blobs, job, idx, 64, thumbnail_path).await;
     }
 
     async fn fail(&self, job: &str, idx: u32) {
-        let fence = self.store.get_job(job).await.unwrap().unwrap().emoji[idx as usize].fence;
-        self.store.start_emoji(job, idx, fence).await.unwrap();
-        self.store
-            .fail_emoji(job, idx, fence, "the test failed it")
-            .await
-            .unwrap();
+        common::rows::fail(&self.store, job, idx, "the test failed it").await;
     }
 }
 
