@@ -17,6 +17,10 @@
 //!    without the claim two clicks could not both flip; the charge cannot exist without the
 //!    flip, or the flip without the charge.
 //!    The same transaction writes the outbox entry of the message (the intent to dispatch).
+//!    Approve keeps the row `done`, so its status cannot refuse a second approval; instead a
+//!    row that an approve or approve-all outbox entry names under its current fence is being
+//!    approved: approve answers [`ActionReply::Duplicate`] and approve-all leaves it out,
+//!    however long the animation waits (the claim lasts 30 s, an animation minutes).
 //! 4. **Dispatch** to the interactive stream with the new fence, then mark the outbox entry
 //!    published. If this process dies before that, a worker's relay publishes the entry
 //!    ([`crate::worker::reconcile`]); a second publish is harmless (fence, run-once key).
@@ -678,6 +682,12 @@ impl Enqueuer {
             PreflipOutcome::Flipped { fence } => fence,
             // Another action on this row (a different claim key) flipped it first.
             PreflipOutcome::WrongState(s) => return Ok(wrong_state(action, s)),
+            // Layer 2 for approve: the row stays `done` while its animation is queued, so the
+            // outbox says it is already being approved (by this button or approve-all).
+            PreflipOutcome::InFlight => {
+                tracing::info!(job_id, %action, idx, "already being approved; nothing charged");
+                return Ok(ActionReply::Duplicate { deduped: true });
+            }
             PreflipOutcome::Missing => {
                 return Err(EnqueueError::NotFound(format!(
                     "no emoji {idx} in job `{job_id}`"
@@ -716,7 +726,8 @@ impl Enqueuer {
     }
 
     /// approve-all: one claim for the whole set, then every `done` emoji's fence bumped and
-    /// charged in one transaction, then one `approve_all` entry on the bulk stream. Two
+    /// charged in one transaction (except those whose approval is already queued: they are
+    /// that approval's), then one `approve_all` entry on the bulk stream. Two
     /// concurrent calls approve each emoji once: the second is a duplicate, and even without
     /// the claim the worker's `done → approved` write succeeds once per emoji.
     pub async fn approve_all(
@@ -762,6 +773,13 @@ impl Enqueuer {
             return Err(EnqueueError::NotFound(format!("no job `{job_id}`")));
         };
         if bumped.is_empty() {
+            let fresh = self.owned_job(user_id, job_id).await?;
+            if fresh.emoji.iter().any(|e| e.status == EmojiStatus::Done) {
+                // Every done emoji's approval is already queued (approve or an earlier
+                // approve-all): nothing bumped, nothing charged.
+                tracing::info!(job_id, "every done emoji is already being approved");
+                return Ok(ActionReply::Duplicate { deduped: true });
+            }
             return Ok(ActionReply::WrongState {
                 deduped: true,
                 current: "none_done".into(),

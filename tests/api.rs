@@ -152,7 +152,11 @@ impl Api {
     }
 
     fn start_worker(&mut self) {
-        let cfg = WorkerConfig {
+        self.start_worker_with(|_| {});
+    }
+
+    fn start_worker_with(&mut self, adjust: impl FnOnce(&mut WorkerConfig)) {
+        let mut cfg = WorkerConfig {
             store: StoreConfig {
                 url: db_url(self.dir.path()),
             },
@@ -163,6 +167,7 @@ impl Api {
                 "w1",
             )
         };
+        adjust(&mut cfg);
         let worker = Arc::new(self.rt.block_on(Worker::start(cfg)).expect("worker starts"));
         let (trigger, shutdown) = shutdown_channel();
         let task = self
@@ -690,9 +695,27 @@ fn approve_all_twice_at_once_approves_each_emoji_once() {
     assert_eq!(queued["idx"], json!([0, 1]));
     assert_eq!(api.stream_len("bulk") - bulk, 1, "one approve_all entry");
 
-    // A single approve of emoji 0 racing with it: approved once, never twice.
+    // The animation waits for minutes, the claim lasts 30 s. Past it (the claim deleted),
+    // neither button approves or charges these emoji again while their approval is queued.
+    let before = api.balance("erin");
+    let interactive = api.stream_len("interactive");
+    api.redis_cmd::<i64>(redis::cmd("DEL").arg(format!("popcon:claim:{job}:approve_all-all")));
+    let (_, all_again) = post_empty(&url, Some(&token));
+    assert_eq!(all_again["status"], "duplicate", "{all_again}");
     let (_, one) = post_empty(&api.url(&format!("/api/approve/{job}?idx=0")), Some(&token));
-    assert_eq!(one["status"], "queued", "{one}");
+    assert_eq!(one["status"], "duplicate", "{one}");
+    assert_eq!(api.balance("erin"), before, "nothing charged again");
+    assert_eq!(
+        api.stream_len("bulk") - bulk,
+        1,
+        "still one approve_all entry"
+    );
+    assert_eq!(
+        api.stream_len("interactive"),
+        interactive,
+        "no approve entry"
+    );
+    let fences: Vec<u64> = (0..2).map(|i| api.row(&job, i).fence).collect();
 
     api.start_worker();
     let done = api.wait_job(&token, &job, "the approvals", |b| {
@@ -702,11 +725,118 @@ fn approve_all_twice_at_once_approves_each_emoji_once() {
         done["emoji"][2]["status"], "failed",
         "a failed emoji is not approved"
     );
+    for (i, fence) in fences.iter().enumerate() {
+        let row = api.row(&job, i);
+        assert_eq!(row.fence, *fence, "approved under approve-all's fence");
+        assert_eq!(
+            row.animation_key.as_deref(),
+            Some(format!("jobs/{job}/anim/{i}-{fence}.webp").as_str())
+        );
+    }
     // Once approved, approving again is a wrong state, and approve-all has nothing to do.
     std::thread::sleep(Duration::from_millis(300));
     api.redis_cmd::<i64>(redis::cmd("DEL").arg(format!("popcon:claim:{job}:approve_all-all")));
     let (_, again) = post_empty(&url, Some(&token));
     assert_eq!(again["status"], "wrong_state", "{again}");
+}
+
+#[test]
+fn approve_all_leaves_out_an_emoji_whose_own_approve_is_queued() {
+    let mut api = Api::start();
+    let token = api.user("fay", 10, false);
+    let job = api.set(&token, &["happy", "sad", "angry"]);
+    for i in 0..3 {
+        api.finish(&job, i);
+    }
+    let before = api.balance("fay");
+    let (_, one) = post_empty(&api.url(&format!("/api/approve/{job}?idx=0")), Some(&token));
+    assert_eq!(one["status"], "queued", "{one}");
+    let fence0 = one["fence"].as_u64().unwrap();
+    // Past the claim's TTL a second click on the same button is still a duplicate.
+    api.redis_cmd::<i64>(redis::cmd("DEL").arg(format!("popcon:claim:{job}:approve-0")));
+    let (_, again) = post_empty(&api.url(&format!("/api/approve/{job}?idx=0")), Some(&token));
+    assert_eq!(again["status"], "duplicate", "{again}");
+    // approve-all takes the other two and charges for them only.
+    let (_, all) = post_empty(&api.url(&format!("/api/approve-all/{job}")), Some(&token));
+    assert_eq!(
+        (all["status"].as_str(), all["charged"].as_i64()),
+        (Some("queued"), Some(2)),
+        "{all}"
+    );
+    assert_eq!(all["idx"], json!([1, 2]));
+    assert_eq!(api.balance("fay"), before - 3);
+    assert_eq!(
+        api.row(&job, 0).fence,
+        fence0,
+        "emoji 0 left to its approve"
+    );
+
+    api.start_worker();
+    api.wait_job(&token, &job, "the approvals", |b| {
+        (0..3).all(|i| b["emoji"][i]["status"] == "approved")
+    });
+    assert_eq!(
+        api.row(&job, 0).animation_key.as_deref(),
+        Some(format!("jobs/{job}/anim/0-{fence0}.webp").as_str()),
+        "animated once, by its own approve"
+    );
+    assert_eq!(
+        api.balance("fay"),
+        before - 3,
+        "three animations, three credits"
+    );
+    assert_eq!(api.stream_len("dead"), 0);
+}
+
+#[test]
+fn a_failed_approve_all_refunds_only_the_emoji_it_could_not_animate() {
+    let mut api = Api::start();
+    let token = api.user("gus", 10, false);
+    let job = api.set(&token, &["happy", "sad"]);
+    api.finish(&job, 0);
+    api.finish(&job, 1);
+    let before = api.balance("gus");
+    let (_, all) = post_empty(&api.url(&format!("/api/approve-all/{job}")), Some(&token));
+    assert_eq!(
+        (all["status"].as_str(), all["charged"].as_i64()),
+        (Some("queued"), Some(2)),
+        "{all}"
+    );
+    let fence1 = api.row(&job, 1).fence;
+    // One clip per batch, and emoji 1's still is lost: emoji 0 is approved by the first
+    // batch, the second fails for good.
+    let still = api.row(&job, 1).image_key.unwrap();
+    std::fs::remove_file(api.dir.path().join("results").join(&still)).unwrap();
+    api.start_worker_with(|c| c.engine.animate_batch = 1);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while api.stream_len("dead") != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "approve-all was never dead-lettered"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let row0 = api.row(&job, 0);
+    assert_eq!(row0.status, EmojiStatus::Approved, "{row0:?}");
+    assert!(row0.animation_key.is_some());
+    let row1 = api.row(&job, 1);
+    assert_eq!(row1.status, EmojiStatus::Done, "{row1:?}");
+    assert!(row1.animation_key.is_none());
+    assert_eq!(
+        api.balance("gus"),
+        before - 1,
+        "emoji 0's animation stays paid"
+    );
+    let refunds: Vec<String> = api
+        .ledger("gus")
+        .into_iter()
+        .filter(|(_, key)| key.starts_with("refund:"))
+        .map(|(_, key)| key)
+        .collect();
+    assert_eq!(
+        refunds,
+        vec![format!("refund:charge:{job}:approve_all:1:{fence1}")]
+    );
 }
 
 // ---- off-hours -------------------------------------------------------------------------------
@@ -1955,7 +2085,32 @@ fn approve_animates_for_a_price_refunds_a_failed_animation_and_regenerate_clears
     let row1 = api.row(&job, 1);
     assert_eq!(row1.status, EmojiStatus::Done, "{row1:?}");
     assert!(row1.animation_key.is_none());
-    assert_eq!(api.stream_len("dead"), 1, "dead-lettered with its reason");
+    // The refund comes before the dead letter (rows and ledger first, then Redis).
+    while api.stream_len("dead") != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "emoji 1's approve was never dead-lettered"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Given up, the approval no longer holds the row: nothing republishes it, and it can be
+    // approved (and paid for) again.
+    let outbox = api.rt.block_on(api.store.outbox_entry(&format!(
+        "{job}:approve:1:{}",
+        two["fence"].as_u64().unwrap()
+    )));
+    assert_eq!(
+        outbox.unwrap(),
+        None,
+        "the dead letter settled its outbox entry"
+    );
+    api.redis_cmd::<i64>(redis::cmd("DEL").arg(format!("popcon:claim:{job}:approve-1")));
+    let (_, retry) = post_empty(&api.url(&format!("/api/approve/{job}?idx=1")), Some(&token));
+    assert_eq!(
+        (retry["status"].as_str(), retry["charged"].as_i64()),
+        (Some("queued"), Some(1)),
+        "{retry}"
+    );
 
     // Re-approving the approved emoji is a wrong state (once the double-click claim is gone).
     api.redis_cmd::<i64>(redis::cmd("DEL").arg(format!("popcon:claim:{job}:approve-0")));

@@ -210,6 +210,7 @@ conformance!(
     outbox_entries_commit_with_their_flip_and_track_publishing,
     submission_keys_map_a_repeat_to_the_first_job,
     an_animation_is_written_with_the_approval_under_the_fence_and_cleared_by_a_preflip,
+    a_queued_approval_holds_its_row_until_its_entry_goes,
 );
 
 // ---- helpers -----------------------------------------------------------------------------
@@ -591,6 +592,7 @@ async fn thumbnail_invariant_holds_under_concurrent_regenerate(ctx: Ctx) {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
                     PreflipOutcome::Missing => panic!("job vanished"),
+                    PreflipOutcome::InFlight => panic!("no approval was queued"),
                 }
             }
         }));
@@ -1657,6 +1659,89 @@ async fn outbox_entries_commit_with_their_flip_and_track_publishing(ctx: Ctx) {
     assert!(s.outbox_remove(&entry.id).await.unwrap());
     assert!(s.outbox_remove(&e3.id).await.unwrap());
     assert_eq!(s.outbox_stats().await.unwrap().total, 0);
+}
+
+/// Approve keeps a row `done`, so its outbox entry is what says "being approved": neither a
+/// second approve nor approve-all bumps (or charges) the row until the entry goes.
+async fn a_queued_approval_holds_its_row_until_its_entry_goes(ctx: Ctx) {
+    let s = ctx.store.clone();
+    s.create_user("u", "hash-u", false).await.unwrap();
+    s.grant("u", 10, "sign-up", "g").await.unwrap();
+    s.create_job(&new_job("a", "u", 3)).await.unwrap();
+    for idx in 0..3 {
+        start(&s, "a", idx, 1).await;
+        finish(&s, "a", idx, 1).await;
+    }
+    let approve = |idx| {
+        let s = s.clone();
+        async move {
+            s.preflip_dispatching(
+                "a",
+                idx,
+                &[EmojiStatus::Done],
+                true,
+                Action::Approve,
+                "u",
+                Some(charge("u", 1)),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let (outcome, charged, e0) = approve(0).await;
+    assert_eq!(outcome, PreflipOutcome::Flipped { fence: 2 });
+    assert!(charged.is_some());
+    let e0 = e0.unwrap();
+    let (outcome, charged, none) = approve(0).await;
+    assert_eq!(outcome, PreflipOutcome::InFlight);
+    assert!(charged.is_none() && none.is_none());
+    assert_eq!(s.balance("u").await.unwrap(), 9, "charged once");
+
+    // approve-all takes the other rows only; then approve of those is in flight too.
+    let (bumped, charged, e_all) = s
+        .bump_done_dispatching("a", "u", Some(charge("u", 1)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(bumped, vec![(1, 2), (2, 2)]);
+    assert_eq!(charged.len(), 2);
+    let e_all = e_all.unwrap();
+    assert_eq!(approve(1).await.0, PreflipOutcome::InFlight);
+    let (again, charged, none) = s
+        .bump_done_dispatching("a", "u", Some(charge("u", 1)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(again.is_empty() && charged.is_empty() && none.is_none());
+    assert_eq!(s.balance("u").await.unwrap(), 7);
+    let rec = s.get_job("a").await.unwrap().unwrap();
+    assert_eq!(
+        rec.emoji.iter().map(|e| e.fence).collect::<Vec<_>>(),
+        vec![2, 2, 2],
+        "no fence moved"
+    );
+
+    // Given up (the worker removes the entry): the rows can be approved again.
+    assert!(s.outbox_remove(&e0.id).await.unwrap());
+    assert_eq!(approve(0).await.0, PreflipOutcome::Flipped { fence: 3 });
+    assert!(s.outbox_remove(&e_all.id).await.unwrap());
+    let (bumped, _, _) = s
+        .bump_done_dispatching("a", "u", None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        bumped,
+        vec![(1, 3), (2, 3)],
+        "emoji 0's approve is queued again"
+    );
+    // The new approve has its own entry, naming its row under its new fence.
+    let entry = s
+        .outbox_entry("a:approve:0:3")
+        .await
+        .unwrap()
+        .expect("the approve's entry");
+    assert_eq!(entry.targets, vec![(0, 3)]);
 }
 
 /// A generate-set key maps to the first job; a repeat is refused before anything is written.

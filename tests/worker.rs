@@ -553,8 +553,16 @@ async fn regenerate_reuses_the_pose_with_a_new_seed_and_approve_animates_rows() 
     assert_eq!(key0, format!("jobs/{}/anim/0-{fence}.webp", rec.id));
     assert_eq!(h.engine_calls(), 4, "one clip for the approve");
     assert!(one.emoji[1].animation_key.is_none());
+    // approve-all as the enqueue side makes it: the bump and its outbox entry, whose
+    // targets are the rows the worker animates.
+    let (bumped, _, entry) = store
+        .bump_done_dispatching(&rec.id, "u1", None)
+        .await
+        .unwrap()
+        .expect("the job");
+    assert_eq!(bumped.len(), 1, "emoji 0 is approved already");
     queue
-        .enqueue(&message(&rec.id, Action::ApproveAll, None, 1))
+        .enqueue(&entry.expect("an outbox entry").message())
         .await
         .unwrap();
     let all = wait_for(&store, &rec.id, "approve all", |r| {

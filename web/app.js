@@ -925,7 +925,7 @@ function actionFailure(r) {
   const reply = r.data || {};
   if (r.ok) {
     if (reply.status === 'duplicate') {
-      return 'the same action was sent moments ago and is still being handled.';
+      return 'it was already asked for and is still being handled.';
     }
     if (reply.status === 'wrong_state') {
       return reply.message || `it is ${reply.current} now.`;

@@ -1,6 +1,8 @@
 //! Approve every done emoji of a set, under one claim for the set, on the bulk lane: each is
 //! animated (clips batched as `engine.animate_batch` allows) and approved by its own fenced
-//! write under the fence the enqueue side gave that row.
+//! write under the fence the enqueue side gave that row. A row whose own approve (or an earlier
+//! approve-all) is still queued is left to that one: not bumped, not charged, not animated
+//! here; the worker reads the rows it owns from the message's outbox entry.
 
 use super::{Preflip, SeedRule, Spec, Step};
 use crate::job::{Action, EmojiStatus, Lane};

@@ -198,6 +198,9 @@ pub enum PreflipOutcome {
     WrongState(EmojiStatus),
     /// No such job or emoji.
     Missing,
+    /// An approval of this row under its current fence is already queued or running (approve
+    /// keeps the row `done`, so its status cannot say so): nothing changed, nothing charged.
+    InFlight,
 }
 
 /// What a ledger write did.
@@ -874,7 +877,12 @@ impl Store {
         with_retry!(self, |b| b.outbox_withdraw(id))
     }
 
-    /// Removes an entry whose rows have moved on.
+    /// The entry `id`, if it is still in the outbox.
+    pub async fn outbox_entry(&self, id: &str) -> StoreResult<Option<OutboxEntry>> {
+        with_retry!(self, |b| b.outbox_entry(id))
+    }
+
+    /// Removes an entry whose rows have moved on, or whose message the worker gave up on.
     pub async fn outbox_remove(&self, id: &str) -> StoreResult<bool> {
         with_retry!(self, |b| b.outbox_remove(id))
     }

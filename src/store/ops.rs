@@ -18,7 +18,7 @@
 // - Early returns roll back explicitly rather than leaving it to `Drop`, so a pooled SQLite
 //   connection never goes back to the pool holding the write lock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use sqlx::{Row, Transaction};
@@ -283,6 +283,47 @@ fn outbox_from_row(row: &DbRow) -> StoreResult<OutboxEntry> {
         published_at: get_opt_ts(row, "published_at")?,
         publishes: stored_u32(row.try_get("publishes")?, "outbox publishes")?,
     })
+}
+
+/// The `(idx, fence)` rows of `job_id` whose approval (approve or approve-all) is queued or
+/// running: a `done` row still under the fence an approval outbox entry names. Approve keeps
+/// the row `done` until the worker's write, so the status cannot tell; without this a click
+/// after the claim's TTL (or the other approve button) would bump the fence, charge again and
+/// leave the first animation stale. An entry leaves the outbox when its rows move on or the
+/// worker gives up on it (dead letter, cancel), so a failed approval can be clicked again.
+async fn approvals_in_flight(tx: &mut Tx, job_id: &str) -> StoreResult<HashSet<(u32, u64)>> {
+    let entries = sqlx::query(
+        "SELECT targets FROM dispatch_outbox WHERE job_id = $1 \
+         AND action IN ('approve', 'approve_all')",
+    )
+    .bind(job_id)
+    .fetch_all(&mut **tx)
+    .await?;
+    if entries.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let mut named = HashSet::new();
+    for row in &entries {
+        let targets: String = row.try_get("targets")?;
+        let pairs: Vec<(u32, u64)> = serde_json::from_str(&targets)
+            .map_err(|e| StoreError::Corrupt(format!("outbox targets `{targets}`: {e}")))?;
+        named.extend(pairs);
+    }
+    let done = sqlx::query("SELECT idx, fence FROM emoji_results WHERE job_id = $1 AND status = 'done'")
+        .bind(job_id)
+        .fetch_all(&mut **tx)
+        .await?;
+    let mut busy = HashSet::new();
+    for r in &done {
+        let pair = (
+            stored_u32(r.try_get("idx")?, "emoji index")?,
+            stored_u64(r.try_get("fence")?, "fence")?,
+        );
+        if named.contains(&pair) {
+            busy.insert(pair);
+        }
+    }
+    Ok(busy)
 }
 
 async fn take_charge(
@@ -930,6 +971,15 @@ impl Imp {
         if !lock_job(&mut tx, job_id).await? {
             return rollback(tx, (PreflipOutcome::Missing, None, None)).await;
         }
+        // Under the job's lock, so no approval can be queued between this read and the bump.
+        if keep_status
+            && approvals_in_flight(&mut tx, job_id)
+                .await?
+                .iter()
+                .any(|&(i, _)| i == idx)
+        {
+            return rollback(tx, (PreflipOutcome::InFlight, None, None)).await;
+        }
         // The decision is this one statement: of concurrent callers, the first to update the
         // row changes its status (or fence) and every later one no longer matches `expected`
         // (Postgres re-checks the WHERE clause against the committed row after the lock wait).
@@ -1027,24 +1077,36 @@ impl Imp {
         if !lock_job(&mut tx, job_id).await? {
             return rollback(tx, None).await;
         }
-        let rows = sqlx::query(
-            "UPDATE emoji_results SET fence = fence + 1, attempts = 0, updated_at = $2 \
-             WHERE job_id = $1 AND status = 'done' RETURNING idx, fence",
+        // A row whose approval is already queued is that approval's: not bumped, not charged.
+        let busy = approvals_in_flight(&mut tx, job_id).await?;
+        const BUMP: &str = "UPDATE emoji_results SET fence = fence + 1, attempts = 0, \
+             updated_at = $2 WHERE job_id = $1 AND status = 'done' AND idx = $3 RETURNING idx, fence";
+        let done = sqlx::query(
+            "SELECT idx, fence FROM emoji_results WHERE job_id = $1 AND status = 'done' ORDER BY idx",
         )
         .bind(job_id)
-        .bind(ts(now))
         .fetch_all(&mut *tx)
         .await?;
-        let mut bumped = rows
-            .iter()
-            .map(|r| {
-                Ok((
-                    stored_u32(r.try_get("idx")?, "emoji index")?,
-                    stored_u64(r.try_get("fence")?, "fence")?,
-                ))
-            })
-            .collect::<StoreResult<Vec<_>>>()?;
-        bumped.sort_unstable();
+        let mut bumped = Vec::with_capacity(done.len());
+        for r in &done {
+            let pair = (
+                stored_u32(r.try_get("idx")?, "emoji index")?,
+                stored_u64(r.try_get("fence")?, "fence")?,
+            );
+            if busy.contains(&pair) {
+                continue;
+            }
+            let row = sqlx::query(BUMP)
+                .bind(job_id)
+                .bind(ts(now))
+                .bind(i64::from(pair.0))
+                .fetch_one(&mut *tx)
+                .await?;
+            bumped.push((
+                stored_u32(row.try_get("idx")?, "emoji index")?,
+                stored_u64(row.try_get("fence")?, "fence")?,
+            ));
+        }
         let mut charged = Vec::new();
         if let Some(c) = charge {
             for &(idx, fence) in &bumped {
@@ -1152,6 +1214,17 @@ impl Imp {
             .await?
             .rows_affected();
         Ok(n > 0)
+    }
+
+    pub(in crate::store) async fn outbox_entry(&self, id: &str) -> StoreResult<Option<OutboxEntry>> {
+        let row = sqlx::query(
+            "SELECT id, job_id, user_id, action, idx, fence, targets, created_at, published_at, \
+             publishes FROM dispatch_outbox WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(outbox_from_row).transpose()
     }
 
     pub(in crate::store) async fn outbox_remove(&self, id: &str) -> StoreResult<bool> {

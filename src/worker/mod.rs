@@ -68,8 +68,8 @@ use crate::pipeline::prompt::PromptError;
 use crate::pipeline::{set, sticker};
 use crate::queue::{DeadLetterOutcome, Delivery, Lease, OwnedOutcome, Queue, QueueError, RunGuard};
 use crate::store::{
-    EmojiOutcome, JobRecord, RefundOutcome, StartOutcome, Store, StoreError, StoreOptions,
-    Thumbnail, WriteOutcome,
+    EmojiOutcome, JobRecord, OutboxEntry, RefundOutcome, StartOutcome, Store, StoreError,
+    StoreOptions, Thumbnail, WriteOutcome, outbox_id,
 };
 use engine_actor::{ActorError, EngineHandle, Engines, Rendered, RunControl};
 use metrics::{Metrics, inc};
@@ -537,6 +537,9 @@ impl Worker {
                 }
                 Err(Stop::Cancelled) => {
                     self.mark_failed(&job, "cancelled on request").await;
+                    // A cancelled animation leaves its still `done` under the message's fence:
+                    // without this the reconciler would publish the message again.
+                    self.settle_outbox(&job).await;
                     let _ = self.queue.clear_cancel(&job.job_id).await;
                     self.ack(&d).await;
                     tracing::info!("cancelled on request");
@@ -653,6 +656,7 @@ impl Worker {
         if let Some(job) = job {
             self.mark_failed(job, reason).await;
             self.refund(job, reason).await;
+            self.settle_outbox(job).await;
         }
         match self.queue.dead_letter(d, reason).await {
             Ok(DeadLetterOutcome::DeadLettered(_)) => inc(&self.metrics.dead_lettered),
@@ -661,25 +665,37 @@ impl Worker {
         }
     }
 
+    /// The outbox entry of this message, if it is still there (the rows it names still wait).
+    async fn outbox_entry(&self, job: &ValidJob) -> Option<OutboxEntry> {
+        let id = outbox_id(&job.job_id, job.action, job.idx, job.fence);
+        match self.store.outbox_entry(&id).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, outbox = %id, "could not read the outbox entry");
+                None
+            }
+        }
+    }
+
+    /// The message was given up (dead letter, cancel): its outbox entry goes, so the
+    /// reconciler does not publish it again and its rows can be acted on anew. A failed render
+    /// has failed its rows already; a failed animation leaves its stills `done` under the
+    /// message's fence, which would otherwise read as "still waiting" (and "being approved").
+    async fn settle_outbox(&self, job: &ValidJob) {
+        let id = outbox_id(&job.job_id, job.action, job.idx, job.fence);
+        if let Err(e) = self.store.outbox_remove(&id).await {
+            tracing::error!(error = %e, outbox = %id, "could not remove the outbox entry; the reconciler will publish it again");
+        }
+    }
+
     /// Gives back what the enqueue side charged for this message: the work will not be done.
     /// Exactly once however often it is asked (the refund's idempotency key), and nothing
     /// when the action was free or enqueued without a charge. approve_all charged each row it
-    /// bumped, under the row's fence at the time; rows bumped since were paid for by a newer
-    /// action and are not this message's to refund.
+    /// bumped, under the row's fence at the time (its outbox entry's targets); rows bumped
+    /// since were paid for by a newer action and are not this message's to refund.
     async fn refund(&self, job: &ValidJob, reason: &str) {
         let keys: Vec<String> = if job.action == Action::ApproveAll {
-            match self.store.get_job(&job.job_id).await {
-                Ok(Some(rec)) => rec
-                    .emoji
-                    .iter()
-                    .map(|e| charge_key(&job.job_id, Action::ApproveAll, Some(e.idx), e.fence))
-                    .collect(),
-                Ok(None) => Vec::new(),
-                Err(e) => {
-                    tracing::error!(error = %e, "could not read the job to refund approve_all");
-                    Vec::new()
-                }
-            }
+            self.approve_all_refund_keys(job).await
         } else {
             vec![job.charge_key()]
         };
@@ -696,6 +712,30 @@ impl Worker {
                 Err(e) => tracing::error!(error = %e, charge = %key, "could not refund the charge"),
             }
         }
+    }
+
+    /// approve-all's charges for the rows it bumped (its outbox entry's targets) that are still
+    /// `done` under that fence: a row approved by an earlier batch of this message got its
+    /// animation and keeps its charge. Without the entry nothing is this message's to refund:
+    /// it is removed only once every target moved on, and the charge keys of rows as they are
+    /// now could name a newer approve-all's charges.
+    async fn approve_all_refund_keys(&self, job: &ValidJob) -> Vec<String> {
+        let Some(entry) = self.outbox_entry(job).await else {
+            tracing::info!("no outbox entry for this approve-all; nothing to refund");
+            return Vec::new();
+        };
+        let rec = match self.store.get_job(&job.job_id).await {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return Vec::new(),
+            Err(e) => {
+                tracing::error!(error = %e, "could not read the job to refund approve_all");
+                return Vec::new();
+            }
+        };
+        unanimated(&rec, &entry.targets)
+            .into_iter()
+            .map(|(idx, fence)| charge_key(&job.job_id, Action::ApproveAll, Some(idx), fence))
+            .collect()
     }
 
     async fn mark_failed(&self, job: &ValidJob, reason: &str) {
@@ -892,12 +932,16 @@ impl Worker {
                 }
                 targets.push((idx, row.fence));
             }
-            None => targets.extend(
-                rec.emoji
-                    .iter()
-                    .filter(|e| e.status == EmojiStatus::Done)
-                    .map(|e| (e.idx, e.fence)),
-            ),
+            // The rows this approve-all bumped (and charged), from its outbox entry: not every
+            // done row, since one that became done later, or is being approved by its own
+            // button, is not this message's.
+            None => match self.outbox_entry(job).await {
+                Some(entry) => targets.extend(unanimated(&rec, &entry.targets)),
+                None => {
+                    tracing::info!("no outbox entry for this approve-all: settled or given up");
+                    return Ok(Finished::AlreadyHandled);
+                }
+            },
         }
         if targets.is_empty() {
             return Ok(Finished::AlreadyHandled);
@@ -1273,6 +1317,17 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
+}
+
+/// The rows of `targets` that are still `done` under the fence named there: what an
+/// approve-all has not animated yet.
+pub(crate) fn unanimated(rec: &JobRecord, targets: &[(u32, u64)]) -> Vec<(u32, u64)> {
+    rec.emoji
+        .iter()
+        .filter(|e| e.status == EmojiStatus::Done)
+        .map(|e| (e.idx, e.fence))
+        .filter(|pair| targets.contains(pair))
+        .collect()
 }
 
 #[cfg(test)]

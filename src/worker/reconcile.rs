@@ -147,11 +147,14 @@ async fn give_up(
         }
     }
     let keys: Vec<String> = match entry.action {
-        Action::ApproveAll => entry
-            .targets
-            .iter()
-            .map(|&(idx, fence)| charge_key(&entry.job_id, Action::ApproveAll, Some(idx), fence))
-            .collect(),
+        // Only the rows it has not animated: an earlier batch's approvals keep their charge.
+        Action::ApproveAll => match store.get_job(&entry.job_id).await? {
+            Some(rec) => super::unanimated(&rec, &entry.targets)
+                .into_iter()
+                .map(|(idx, fence)| charge_key(&entry.job_id, Action::ApproveAll, Some(idx), fence))
+                .collect(),
+            None => Vec::new(),
+        },
         _ => vec![entry.message().charge_key()],
     };
     for key in keys {
