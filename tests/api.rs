@@ -263,6 +263,15 @@ impl Api {
         })
     }
 
+    /// Polls `cond` every 50 ms until it holds; fails naming `what` after `secs`.
+    fn wait_until(&self, what: &str, secs: u64, cond: impl Fn(&Api) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !cond(self) {
+            assert!(Instant::now() < deadline, "{what} never happened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn wait_job(&self, token: &str, job: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -808,14 +817,9 @@ fn a_failed_approve_all_refunds_only_the_emoji_it_could_not_animate() {
     let still = api.row(&job, 1).image_key.unwrap();
     std::fs::remove_file(api.dir.path().join("results").join(&still)).unwrap();
     api.start_worker_with(|c| c.engine.animate_batch = 1);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while api.stream_len("dead") != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "approve-all was never dead-lettered"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    api.wait_until("approve-all's dead letter", 120, |a| {
+        a.stream_len("dead") == 1
+    });
     let row0 = api.row(&job, 0);
     assert_eq!(row0.status, EmojiStatus::Approved, "{row0:?}");
     assert!(row0.animation_key.is_some());
@@ -1213,11 +1217,7 @@ fn a_dead_lettered_set_is_refunded_exactly_once() {
             .contains("gave up"),
         "{view}"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while api.balance("ivy") != 10 {
-        assert!(Instant::now() < deadline, "never refunded");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    api.wait_until("the refund", 10, |a| a.balance("ivy") == 10);
     let entries = api.ledger("ivy");
     assert_eq!(
         entries
@@ -2074,25 +2074,12 @@ fn approve_animates_for_a_price_refunds_a_failed_animation_and_regenerate_clears
     let r = get_raw(url);
     assert_eq!(r.header("Content-Type"), Some("image/webp"));
     // The failed animation: refunded, the still stays done and approvable.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while api.balance("kim") != before - 1 {
-        assert!(
-            Instant::now() < deadline,
-            "emoji 1's approve was never refunded"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    api.wait_until("emoji 1's refund", 60, |a| a.balance("kim") == before - 1);
     let row1 = api.row(&job, 1);
     assert_eq!(row1.status, EmojiStatus::Done, "{row1:?}");
     assert!(row1.animation_key.is_none());
     // The refund comes before the dead letter (rows and ledger first, then Redis).
-    while api.stream_len("dead") != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "emoji 1's approve was never dead-lettered"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    api.wait_until("emoji 1's dead letter", 60, |a| a.stream_len("dead") == 1);
     // Given up, the approval no longer holds the row: nothing republishes it, and it can be
     // approved (and paid for) again.
     let outbox = api.rt.block_on(api.store.outbox_entry(&format!(

@@ -285,13 +285,13 @@ fn outbox_from_row(row: &DbRow) -> StoreResult<OutboxEntry> {
     })
 }
 
-/// The `(idx, fence)` rows of `job_id` whose approval (approve or approve-all) is queued or
-/// running: a `done` row still under the fence an approval outbox entry names. Approve keeps
-/// the row `done` until the worker's write, so the status cannot tell; without this a click
-/// after the claim's TTL (or the other approve button) would bump the fence, charge again and
-/// leave the first animation stale. An entry leaves the outbox when its rows move on or the
-/// worker gives up on it (dead letter, cancel), so a failed approval can be clicked again.
-async fn approvals_in_flight(tx: &mut Tx, job_id: &str) -> StoreResult<HashSet<(u32, u64)>> {
+/// The `(idx, fence)` pairs that the approve and approve-all outbox entries of `job_id` name.
+/// A `done` row under one of them is being approved: approve keeps the row `done` until the
+/// worker's write, so its status cannot say so, and without this a click after the claim's
+/// TTL (or on the other approve button) would bump the fence, charge again and leave the first
+/// animation stale. An entry leaves the outbox when its rows move on or the worker gives up on
+/// it (dead letter, cancel), so a failed approval can be clicked again.
+async fn approval_targets(tx: &mut Tx, job_id: &str) -> StoreResult<HashSet<(u32, u64)>> {
     let entries = sqlx::query(
         "SELECT targets FROM dispatch_outbox WHERE job_id = $1 \
          AND action IN ('approve', 'approve_all')",
@@ -299,9 +299,6 @@ async fn approvals_in_flight(tx: &mut Tx, job_id: &str) -> StoreResult<HashSet<(
     .bind(job_id)
     .fetch_all(&mut **tx)
     .await?;
-    if entries.is_empty() {
-        return Ok(HashSet::new());
-    }
     let mut named = HashSet::new();
     for row in &entries {
         let targets: String = row.try_get("targets")?;
@@ -309,21 +306,7 @@ async fn approvals_in_flight(tx: &mut Tx, job_id: &str) -> StoreResult<HashSet<(
             .map_err(|e| StoreError::Corrupt(format!("outbox targets `{targets}`: {e}")))?;
         named.extend(pairs);
     }
-    let done = sqlx::query("SELECT idx, fence FROM emoji_results WHERE job_id = $1 AND status = 'done'")
-        .bind(job_id)
-        .fetch_all(&mut **tx)
-        .await?;
-    let mut busy = HashSet::new();
-    for r in &done {
-        let pair = (
-            stored_u32(r.try_get("idx")?, "emoji index")?,
-            stored_u64(r.try_get("fence")?, "fence")?,
-        );
-        if named.contains(&pair) {
-            busy.insert(pair);
-        }
-    }
-    Ok(busy)
+    Ok(named)
 }
 
 async fn take_charge(
@@ -972,13 +955,25 @@ impl Imp {
             return rollback(tx, (PreflipOutcome::Missing, None, None)).await;
         }
         // Under the job's lock, so no approval can be queued between this read and the bump.
-        if keep_status
-            && approvals_in_flight(&mut tx, job_id)
+        if keep_status {
+            let named = approval_targets(&mut tx, job_id).await?;
+            let current = if named.is_empty() {
+                None
+            } else {
+                sqlx::query(
+                    "SELECT fence FROM emoji_results \
+                     WHERE job_id = $1 AND idx = $2 AND status = 'done'",
+                )
+                .bind(job_id)
+                .bind(i64::from(idx))
+                .fetch_optional(&mut *tx)
                 .await?
-                .iter()
-                .any(|&(i, _)| i == idx)
-        {
-            return rollback(tx, (PreflipOutcome::InFlight, None, None)).await;
+            };
+            if let Some(r) = current
+                && named.contains(&(idx, stored_u64(r.try_get("fence")?, "fence")?))
+            {
+                return rollback(tx, (PreflipOutcome::InFlight, None, None)).await;
+            }
         }
         // The decision is this one statement: of concurrent callers, the first to update the
         // row changes its status (or fence) and every later one no longer matches `expected`
@@ -1078,7 +1073,7 @@ impl Imp {
             return rollback(tx, None).await;
         }
         // A row whose approval is already queued is that approval's: not bumped, not charged.
-        let busy = approvals_in_flight(&mut tx, job_id).await?;
+        let queued = approval_targets(&mut tx, job_id).await?;
         const BUMP: &str = "UPDATE emoji_results SET fence = fence + 1, attempts = 0, \
              updated_at = $2 WHERE job_id = $1 AND status = 'done' AND idx = $3 RETURNING idx, fence";
         let done = sqlx::query(
@@ -1093,7 +1088,7 @@ impl Imp {
                 stored_u32(r.try_get("idx")?, "emoji index")?,
                 stored_u64(r.try_get("fence")?, "fence")?,
             );
-            if busy.contains(&pair) {
+            if queued.contains(&pair) {
                 continue;
             }
             let row = sqlx::query(BUMP)

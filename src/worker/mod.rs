@@ -667,7 +667,7 @@ impl Worker {
 
     /// The outbox entry of this message, if it is still there (the rows it names still wait).
     async fn outbox_entry(&self, job: &ValidJob) -> Option<OutboxEntry> {
-        let id = outbox_id(&job.job_id, job.action, job.idx, job.fence);
+        let id = outbox_id_of(job);
         match self.store.outbox_entry(&id).await {
             Ok(e) => e,
             Err(e) => {
@@ -682,7 +682,7 @@ impl Worker {
     /// has failed its rows already; a failed animation leaves its stills `done` under the
     /// message's fence, which would otherwise read as "still waiting" (and "being approved").
     async fn settle_outbox(&self, job: &ValidJob) {
-        let id = outbox_id(&job.job_id, job.action, job.idx, job.fence);
+        let id = outbox_id_of(job);
         if let Err(e) = self.store.outbox_remove(&id).await {
             tracing::error!(error = %e, outbox = %id, "could not remove the outbox entry; the reconciler will publish it again");
         }
@@ -1317,6 +1317,11 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
+}
+
+/// The id of the outbox entry `job` was published from.
+fn outbox_id_of(job: &ValidJob) -> String {
+    outbox_id(&job.job_id, job.action, job.idx, job.fence)
 }
 
 /// The rows of `targets` that are still `done` under the fence named there: what an
